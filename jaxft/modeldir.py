@@ -1,0 +1,96 @@
+"""A model directory: what `jaxft convert` writes and `jaxft.load` reads.
+
+    DIR/config.json    the jaxft ModelConfig
+    DIR/params/        Orbax checkpoint of the params (a pure dict of arrays)
+    DIR/tokenizer/     tokenizer files (tokenizer.model or tokenizer.json, plus added tokens)
+
+Writes go to a sibling temp dir renamed into place at the end, so a crash never leaves a
+half-written DIR; an existing DIR is only replaced when `force` is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxft.config import ConfigError, ModelConfig, from_dict
+
+
+class OutputExistsError(FileExistsError):
+    """An output that exists and was not allowed to be overwritten."""
+
+
+def check_output(out: str | os.PathLike, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, force: bool = False):
+    """Yields a temp dir beside `out`; on success it replaces `out`, on error it is removed."""
+    out = check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def write_config(d: Path, cfg: ModelConfig) -> None:
+    (d / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def read_config(d: str | os.PathLike) -> ModelConfig:
+    p = Path(d) / "config.json"
+    if not p.is_file():
+        raise ConfigError(f"{d} is not a jaxft model directory: {p.name} is missing")
+    return from_dict(ModelConfig, json.loads(p.read_text()), str(p))
+
+
+def save_params(d: Path, params: dict) -> None:
+    """Saves a pure dict of arrays (possibly sharded) to DIR/params with Orbax."""
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save((d / "params").absolute(), params)
+    ckptr.wait_until_finished()
+
+
+def load_params(d: str | os.PathLike, abstract: dict) -> dict:
+    """Restores DIR/params into the shapes, dtypes and shardings of `abstract`."""
+    return ocp.StandardCheckpointer().restore((Path(d) / "params").absolute(), abstract)
+
+
+def save_model(out: str | os.PathLike, model, tokenizer=None, force: bool = False) -> Path:
+    with atomic_dir(out, force) as tmp:
+        write_config(tmp, model.cfg)
+        save_params(tmp, nnx.state(model, nnx.Param).to_pure_dict())
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+    return Path(out)
+
+
+def load_model(d: str | os.PathLike, mesh=None, cfg: ModelConfig | None = None):
+    """Builds the model from DIR, each param restored straight into its shard on `mesh`."""
+    from jaxft import sharding
+    from jaxft.config import MeshConfig
+
+    cfg = cfg or read_config(d)
+    mesh = mesh or sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    graphdef, abs_state = sharding.abstract_model(cfg, mesh)
+    params = load_params(d, abs_state.to_pure_dict())
+    abs_state.replace_by_pure_dict(params)
+    return nnx.merge(graphdef, abs_state)

@@ -1,0 +1,125 @@
+"""The device mesh and THE logical-axis rules table: every sharding decision lives here.
+
+Params carry logical axis names (`axes` metadata, see `jaxft.model`); `RULES` maps each name to
+mesh axes. A logical dim whose size a mesh axis does not divide is replicated along that axis
+(e.g. SmolLM2's 3 kv heads on tensor=2).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxft.config import ConfigError, MeshConfig, ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),  # activations and batches: split rows over all data-parallel axes
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",  # FSDP/ZeRO-3: params and optimizer state sharded over the model width
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "layers": None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ConfigError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} needs a multiple of {fixed} devices, "
+                f"but {n_devices} devices are available")
+        sizes = [n_devices // fixed if s == -1 else s for s in sizes]
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices, "
+            f"but {n_devices} devices are available")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for a value with logical `axes`; indivisible dims stay replicated."""
+    out = []
+    for name, size in zip(axes, shape):
+        rule = RULES.get(name) if name else None
+        mesh_axes = (rule,) if isinstance(rule, str) else (rule or ())
+        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+        if not mesh_axes or size % math.prod(mesh.shape[a] for a in mesh_axes):
+            out.append(None)
+        else:
+            out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*out)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for an nnx State (abstract or concrete), from each param's `axes`."""
+    def one(v):
+        axes = v.get_metadata().get("axes") or (None,) * v.ndim
+        return v.replace(NamedSharding(mesh, spec(axes, v.shape, mesh)))
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows split over every data-parallel mesh axis; the rest replicated."""
+    return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def init_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
+    """Builds a Llama whose params are created directly in their shards: the abstract shape
+    gives the shardings, and a jitted init writes each shard on its own device."""
+    from jaxft.model import Llama
+
+    abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(seed)))
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh)
+
+    @partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.split(Llama(cfg, nnx.Rngs(seed)))[1]
+
+    return nnx.merge(graphdef, init())
+
+
+def abstract_model(cfg: ModelConfig, mesh: Mesh):
+    """The model as ShapeDtypeStructs carrying their target shardings (for restore and plan)."""
+    from jaxft.model import Llama
+
+    abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    sh = state_shardings(abs_state, mesh)
+    abs_state = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())),
+        abs_state, sh, is_leaf=_is_var)
+    return graphdef, abs_state
