@@ -1,0 +1,95 @@
+"""What a run shows: a progress bar, `metrics.jsonl`, `loss.png`, optional TensorBoard.
+Only process 0 writes; the others get a Report that does nothing."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+
+
+class Report:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool = True,
+                 tensorboard: bool = False):
+        self.active = jax.process_index() == 0
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if not self.active:
+            return
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                            file=sys.stderr, dynamic_ncols=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional extra: torch + tensorboard
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drops lines logged after the restored step so the curve has no repeats."""
+        if not self.active or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "kind") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def progress(self, step: int, loss: float, tok_s: float) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.active and self.path.exists():
+            plot_loss(self.path, self.run_dir / "loss.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> None:
+    """Train and val loss against steps and against tokens seen (ch07's figure, two panels)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r.get("kind") == "train" and math.isfinite(r["loss"])]
+    val = [r for r in rows if r.get("kind") == "eval" and "val_loss" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, x in zip(axes, ("step", "tokens_seen")):
+        ax.plot([r[x] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+        if val:
+            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+        ax.set_xlabel("steps" if x == "step" else "tokens seen")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
