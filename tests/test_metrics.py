@@ -122,6 +122,12 @@ def test_sql_runaway_query_is_stopped():
     assert sql.score(slow, rec) == {"exact": False, "execution": False}
 
 
+def test_sql_only_reads(tmp_path):
+    target = tmp_path / "x.db"
+    assert not sql.score(f"ATTACH DATABASE '{target}' AS x", WIKI)["execution"]
+    assert not target.exists()
+
+
 def test_sql_clean():
     assert sql.clean("SELECT a FROM t<END_A><START_Q>next") == "SELECT a FROM t"
     assert sql.clean("  SELECT a FROM t\nQ: another question") == "SELECT a FROM t"

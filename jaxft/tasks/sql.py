@@ -193,7 +193,10 @@ def fill(db: sqlite3.Connection, tables: dict[str, list[str]], gold: str) -> Non
 
 
 def run(db: sqlite3.Connection, query: str) -> Counter | None:
-    """The result multiset, or None if the query fails or runs too long."""
+    """The result multiset, or None if the query fails, runs too long or is not a SELECT
+    (a generated ATTACH could write files)."""
+    if not re.match(r"\s*(SELECT|WITH)\b", query, re.I):
+        return None
     steps = [0]
 
     def budget():
