@@ -1,0 +1,407 @@
+"""`jaxft convert`: HF Llama directories (safetensors or legacy .bin) <-> jaxft model directories.
+
+The mapping is one key table, `TABLE`: each HF tensor name, the jaxft param it fills, and how
+many of the jaxft dims are the matmul input. Every HF linear weight is stored (out, in), every
+jaxft one (in..., out...), so one rule covers them all: `jaxft = hf.T.reshape(jaxft_shape)` and
+back `hf = jaxft.reshape(hf_shape[::-1]).T`. HF q/k already use the half-rotation rope layout
+of `jaxft.model`, so nothing is permuted here (GGUF's permuted q/k are undone in `jaxft.gguf`).
+
+Conversion streams tensor by tensor: the only full copy held is the jaxft params being built
+(import) or read back (export), plus one tensor or one output shard at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxft.config import ConfigError, ModelConfig
+from jaxft.model import padded_vocab
+from jaxft.modeldir import atomic_dir, load_params, read_config, save_params, write_config
+
+
+class ConvertError(ConfigError):
+    """An input that cannot be converted; the message names the file, key or tensor."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    hf: str  # HF tensor name; "{i}" marks one tensor per layer, stacked on the jaxft side
+    path: tuple[str, ...]  # where it lives in the jaxft params dict
+    n_in: int  # leading jaxft dims that are the matmul input; 0: copied as is (norms, rows)
+
+
+TABLE = (
+    Entry("model.embed_tokens.weight", ("embed_VxD",), 0),
+    Entry("model.layers.{i}.input_layernorm.weight", ("blocks", "attn_norm", "weight"), 0),
+    Entry("model.layers.{i}.self_attn.q_proj.weight", ("blocks", "attn", "wq_DxHxE"), 1),
+    Entry("model.layers.{i}.self_attn.k_proj.weight", ("blocks", "attn", "wk_DxKxE"), 1),
+    Entry("model.layers.{i}.self_attn.v_proj.weight", ("blocks", "attn", "wv_DxKxE"), 1),
+    Entry("model.layers.{i}.self_attn.o_proj.weight", ("blocks", "attn", "wo_HxExD"), 2),
+    Entry("model.layers.{i}.post_attention_layernorm.weight", ("blocks", "mlp_norm", "weight"), 0),
+    Entry("model.layers.{i}.mlp.gate_proj.weight", ("blocks", "mlp", "w_gate_DxF"), 1),
+    Entry("model.layers.{i}.mlp.up_proj.weight", ("blocks", "mlp", "w_up_DxF"), 1),
+    Entry("model.layers.{i}.mlp.down_proj.weight", ("blocks", "mlp", "w_down_FxD"), 1),
+    Entry("model.norm.weight", ("final_norm", "weight"), 0),
+    Entry("lm_head.weight", ("lm_head_VxD",), 0),
+)
+# Buffers some old checkpoints saved beside the weights; they are recomputed, never read.
+IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------- shapes and the key table
+
+def jaxft_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Shape of every jaxft param (stacked ones include the leading layers axis)."""
+    n, d, h, k, e, f = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.ffn_dim
+    v = padded_vocab(cfg)
+    shapes = {("embed_VxD",): (v, d), ("final_norm", "weight"): (d,),
+              ("blocks", "attn_norm", "weight"): (n, d), ("blocks", "mlp_norm", "weight"): (n, d),
+              ("blocks", "attn", "wq_DxHxE"): (n, d, h, e), ("blocks", "attn", "wk_DxKxE"): (n, d, k, e),
+              ("blocks", "attn", "wv_DxKxE"): (n, d, k, e), ("blocks", "attn", "wo_HxExD"): (n, h, e, d),
+              ("blocks", "mlp", "w_gate_DxF"): (n, d, f), ("blocks", "mlp", "w_up_DxF"): (n, d, f),
+              ("blocks", "mlp", "w_down_FxD"): (n, f, d)}
+    if not cfg.tie_embeddings:
+        shapes[("lm_head_VxD",)] = (v, d)
+    return shapes
+
+
+def hf_names(cfg: ModelConfig) -> list[tuple[str, Entry, int | None]]:
+    """(HF name, table entry, layer index or None) for every tensor an HF checkpoint holds."""
+    out = []
+    for entry in TABLE:
+        if entry.path == ("lm_head_VxD",) and cfg.tie_embeddings:
+            continue
+        if "{i}" in entry.hf:
+            out += [(entry.hf.format(i=i), entry, i) for i in range(cfg.n_layers)]
+        else:
+            out.append((entry.hf, entry, None))
+    return out
+
+
+def hf_shape(entry: Entry, cfg: ModelConfig) -> tuple[int, ...]:
+    js = jaxft_shapes(cfg)[entry.path][1 if "{i}" in entry.hf else 0:]
+    if entry.path in (("embed_VxD",), ("lm_head_VxD",)):
+        return (cfg.vocab_size, cfg.dim)  # jaxft pads rows up to padded_vocab
+    if entry.n_in == 0:
+        return js
+    return (math.prod(js[entry.n_in:]), math.prod(js[:entry.n_in]))
+
+
+def to_jaxft(w: np.ndarray, entry: Entry, js: tuple[int, ...]) -> np.ndarray:
+    return w if entry.n_in == 0 else w.T.reshape(js)
+
+
+def to_hf(w: np.ndarray, entry: Entry, hs: tuple[int, ...]) -> np.ndarray:
+    if entry.n_in == 0:
+        return np.ascontiguousarray(w[: hs[0]]) if len(hs) == 2 else np.ascontiguousarray(w)
+    return np.ascontiguousarray(w.reshape(hs[::-1]).T)
+
+
+# ---------------------------------------------------------------- configs
+
+def _rope_scaling(sc: dict | None, where: str) -> dict | None:
+    kind = (sc or {}).get("rope_type", (sc or {}).get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ConvertError(f"{where}: rope type {kind!r} is not supported (only default and llama3)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in sc]
+    if missing:
+        raise ConvertError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
+    return {"rope_type": "llama3", **{k: sc[k] for k in keys}}
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """ModelConfig from an HF Llama config.json (transformers 4 or 5 style)."""
+    if hf.get("model_type", "llama") != "llama":
+        raise ConvertError(f"{where}: model_type {hf['model_type']!r} is not a Llama model")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, want) != want:
+            raise ConvertError(f"{where}: {key}={hf[key]!r} is not supported (jaxft needs {want!r})")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size"):
+        if key not in hf:
+            raise ConvertError(f"{where}: missing field {key!r}")
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = _rope_scaling(hf.get("rope_scaling") or rope, where)
+    dtype = hf.get("dtype", hf.get("torch_dtype")) or "float32"
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or 0, ffn_dim=hf["intermediate_size"],
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        param_dtype=dtype if dtype in DTYPES else "float32")
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """An HF config.json that transformers 5 loads as LlamaForCausalLM."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {**cfg.rope_scaling, "rope_type": "llama3", "rope_theta": cfg.rope_theta}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+            "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_size, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
+            "attention_bias": False, "mlp_bias": False, "dtype": cfg.param_dtype}
+
+
+# ---------------------------------------------------------------- reading HF weights
+
+class HFWeights:
+    """Names and tensors of an HF checkpoint, read one tensor at a time."""
+
+    def __init__(self, src: Path):
+        self.where: dict[str, Path] = {}  # tensor name -> file
+        self.torch = False
+        self._open: tuple[Path, object] | None = None
+        for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            self.torch = single.endswith(".bin")
+            if (src / index).is_file():
+                wmap = json.loads((src / index).read_text()).get("weight_map")
+                if not isinstance(wmap, dict):
+                    raise ConvertError(f"{src / index}: missing field 'weight_map'")
+                self.where = {k: src / v for k, v in wmap.items()}
+                break
+            if (src / single).is_file():
+                self.where = {k: src / single for k in self._keys(src / single)}
+                break
+        else:
+            raise ConvertError(f"{src}: no model.safetensors(.index.json) or pytorch_model.bin found")
+
+    def _keys(self, path: Path) -> list[str]:
+        return list(self._file(path).keys())
+
+    def _file(self, path: Path):
+        if self._open is None or self._open[0] != path:  # keep only one file open
+            if self.torch:
+                import torch  # only legacy checkpoints need torch
+                self._open = (path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            else:
+                from safetensors import safe_open
+                self._open = (path, safe_open(path, framework="numpy"))
+        return self._open[1]
+
+    def get(self, name: str) -> np.ndarray:
+        f = self._file(self.where[name])
+        if not self.torch:
+            return f.get_tensor(name)
+        t = f[name]
+        if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16; reinterpret the bits
+            import ml_dtypes
+            return t.contiguous().view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Converts an HF Llama directory into a jaxft model directory at `out`."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such HF model directory")
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ConvertError(f"{src}: config.json is missing")
+    try:
+        cfg = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{cfg_path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    weights = HFWeights(src)
+    names = hf_names(cfg)
+    expected = {n for n, _, _ in names}
+    missing = [n for n in expected if n not in weights.where]
+    if missing:
+        raise ConvertError(f"{src}: tensor {sorted(missing)[0]} is missing"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    tied_head = cfg.tie_embeddings and "lm_head.weight" in weights.where  # a redundant copy
+    extra = sorted(n for n in weights.where
+                   if n not in expected and not IGNORED.fullmatch(n) and not (tied_head and n == "lm_head.weight"))
+    if extra:
+        raise ConvertError(f"{src}: unexpected tensor {extra[0]}"
+                           + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    first = weights.get("model.embed_tokens.weight")
+    if first.dtype.name in DTYPES:  # keep the checkpoint's bytes: its dtype becomes the param dtype
+        cfg.param_dtype = first.dtype.name
+    cfg.dtype = "float32"  # compute dtype is a training choice, not the checkpoint's
+    dtype = first.dtype if first.dtype.name in DTYPES else np.dtype(cfg.param_dtype)
+    del first
+    shapes = jaxft_shapes(cfg)
+    params: dict = {}
+    for path, shape in shapes.items():  # zeros: the padded vocab rows stay zero
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = np.zeros(shape, dtype)
+    for name, entry, layer in names:
+        w, want = weights.get(name), hf_shape(entry, cfg)
+        if w.shape != want:
+            raise ConvertError(f"{src}: tensor {name} has shape {list(w.shape)}, expected {list(want)}")
+        target = _at(params, entry.path)
+        if layer is not None:
+            target = target[layer]
+        if entry.path in (("embed_VxD",), ("lm_head_VxD",)):
+            target = target[: cfg.vocab_size]
+        target[...] = to_jaxft(w.astype(dtype, copy=False), entry, target.shape)
+        del w
+    with atomic_dir(out, force) as tmp:
+        write_config(tmp, cfg)
+        save_params(tmp, params)
+        _copy_tokenizer(src, tmp / "tokenizer")
+    return Path(out)
+
+
+def _at(tree: dict, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if files:
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, dst / f.name)
+
+
+# ---------------------------------------------------------------- writing HF
+
+def parse_size(s: str | int) -> int:
+    """'5GB' -> 5e9 bytes, '200MiB' -> 200 * 2**20; a bare number is bytes."""
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", s, re.IGNORECASE)
+    if not m:
+        raise ConvertError(f"--max-shard-size {s!r}: expected a size such as 5GB or 500MB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def read_params_host(d: Path, cfg: ModelConfig) -> dict:
+    """The params of a model dir as host arrays (no mesh, no sharded placement)."""
+    import jax
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract: dict = {}
+    for path, shape in jaxft_shapes(cfg).items():
+        node = abstract
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = jax.ShapeDtypeStruct(shape, jax.numpy.dtype(cfg.param_dtype), sharding=cpu)
+    return load_params(d, abstract)
+
+
+def to_hf_dir(ckpt: str | Path, out: str | Path, force: bool = False,
+              max_shard_size: str | int = "5GB") -> Path:
+    """Writes a jaxft model directory as an HF Llama directory loadable by transformers."""
+    from safetensors.numpy import save_file
+
+    ckpt, limit = Path(ckpt), parse_size(max_shard_size)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such jaxft model directory")
+    cfg = read_config(ckpt)
+    params = read_params_host(ckpt, cfg)
+    shards: list[list[tuple[str, Entry, int | None]]] = [[]]
+    size = 0
+    for item in hf_names(cfg):  # greedy packing in name order, as HF does
+        nbytes = math.prod(hf_shape(item[1], cfg)) * np.dtype(_at(params, item[1].path).dtype).itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    with atomic_dir(out, force) as tmp:
+        special_ids = _save_tokenizer(ckpt / "tokenizer", tmp)
+        hf_cfg = {**config_to_hf(cfg), **special_ids}
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        weight_map, total = {}, 0
+        for k, shard in enumerate(shards):
+            fname = ("model.safetensors" if len(shards) == 1
+                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+            tensors = {}
+            for name, entry, layer in shard:
+                w = np.asarray(_at(params, entry.path))
+                tensors[name] = to_hf(w if layer is None else w[layer], entry, hf_shape(entry, cfg))
+                weight_map[name] = fname
+                total += tensors[name].nbytes
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return Path(out)
+
+
+def _save_tokenizer(tok_dir: Path, dst: Path) -> dict:
+    """Copies the model dir's tokenizer files (jaxft's Tokenizer.save already writes them the
+    way transformers reads them); a bare tokenizer file gets its tokenizer_config.json from
+    jaxft's tokenizer. Returns the special ids for config.json."""
+    if not tok_dir.is_dir():
+        return {}
+    from jaxft.tokenizer import load_tokenizer
+    _copy_tokenizer(tok_dir, dst)
+    try:
+        tok = load_tokenizer(tok_dir)
+    except (ValueError, FileNotFoundError):  # files we cannot read are still passed on
+        return {}
+    if not (dst / "tokenizer_config.json").is_file():
+        tok.save(dst, force=True)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+# ---------------------------------------------------------------- command line
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("convert", help="convert HF Llama weights to and from jaxft",
+                              description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="DIR", help="HF Llama directory to import")
+    src.add_argument("--to-hf", metavar="CKPT", help="jaxft model directory to export")
+    src.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file to import")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--max-shard-size", default="5GB", help="HF export: bytes per safetensors file")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    if args.from_hf:
+        out = from_hf(args.from_hf, args.out, args.force)
+    elif args.to_hf:
+        out = to_hf_dir(args.to_hf, args.out, args.force, args.max_shard_size)
+    else:
+        from jaxft.gguf import from_gguf
+        out = from_gguf(args.from_gguf, args.out, args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jaxft convert ...` on its own, without loading the other subcommands."""
+    import sys
+    parser = argparse.ArgumentParser(prog="jaxft")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"jaxft convert: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Convert between HF Llama directories (or GGUF files) and jaxft model directories.
+
+    tools/convert_hf.py --from-hf DIR --out CKPT [--force]
+    tools/convert_hf.py --to-hf CKPT --out DIR [--force] [--max-shard-size 5GB]
+    tools/convert_hf.py --from-gguf FILE --out CKPT [--force]
+
+The same as `jaxft convert ...`; the logic lives in jaxft/convert.py.
+"""
+import sys
+
+from jaxft.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())
