@@ -1,0 +1,279 @@
+"""Text generation: one jitted prefill of a left-padded prompt batch into a fixed-size KV cache,
+then a `lax.while_loop` decoding one token per row per step until every row has stopped.
+
+Left padding lines up every prompt's last token in the final prompt slot, so one prefill
+serves the whole batch. Padding slots get segment id 0, which real tokens never attend to, and
+each row's positions start at 0 at its first real token, so a padded row computes exactly what
+the same prompt alone would.
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxft import sharding
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The next power of two >= n (and >= minimum): lengths reuse a handful of compiles."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+# ---------------------------------------------------------------- sampling
+
+def sample_logits(key, logits_BxV: jax.Array, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """Next token per row: argmax when temperature is 0, else a draw from the tempered
+    distribution cut to the top_k most likely tokens (0: all) and then to the smallest set
+    whose probability reaches top_p. The three settings are Python values (static under jit)."""
+    if temperature <= 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+    neg = jnp.finfo(jnp.float32).min
+    if top_k > 0 or top_p < 1.0:
+        v = logits_BxV.shape[-1]
+        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
+        keep_BxV = jnp.broadcast_to(jnp.arange(v) < (top_k if top_k > 0 else v), sorted_BxV.shape)
+        sorted_BxV = jnp.where(keep_BxV, sorted_BxV, neg)
+        if top_p < 1.0:
+            p_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+            # Keep a token while the mass before it is still short of top_p: the first token
+            # always stays, and so does the one that crosses the threshold.
+            before_BxV = jnp.cumsum(p_BxV, axis=-1) - p_BxV
+            keep_BxV = keep_BxV & (before_BxV < top_p)
+        n_keep_B = jnp.sum(keep_BxV, axis=-1)
+        cutoff_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
+        logits_BxV = jnp.where(logits_BxV >= cutoff_B, logits_BxV, neg)
+    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- batching
+
+def _model_mesh(model):
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    sh = getattr(leaf, "sharding", None)
+    return sh.mesh if isinstance(sh, NamedSharding) else None
+
+
+def _batch_rows(n: int, mesh) -> int:
+    """Rows actually run: a power of two, and a multiple of the mesh's data-parallel size."""
+    dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))
+    b = bucket(n, 1)
+    return -(-b // dp) * dp
+
+
+def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int):
+    """ids, positions and segment ids `[rows, length]`, each prompt right-aligned; rows past
+    len(prompts) are filler that repeat the first prompt's first token."""
+    ids = np.zeros((rows, length), np.int32)
+    seg = np.zeros((rows, length), np.int32)
+    pos = np.zeros((rows, length), np.int32)
+    for r in range(rows):
+        p = prompts[r] if r < len(prompts) else prompts[0][:1]
+        n = len(p)
+        ids[r, length - n:] = p
+        seg[r, length - n:] = 1
+        pos[r, length - n:] = np.arange(n)
+    return ids, pos, seg
+
+
+def _check_prompts(model, prompts, max_new_tokens):
+    if not prompts:
+        raise ValueError("generate: no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (the BOS)")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = model.cfg.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"generate: token id {bad[0]} is outside the vocabulary (size {vocab})")
+
+
+def _cut(rows_BxT: np.ndarray, n: int, stop: set[int]) -> list[list[int]]:
+    out = []
+    for row in rows_BxT[:n].tolist():
+        end = next((i for i, t in enumerate(row) if t in stop or t < 0), len(row))
+        out.append(row[:end])
+    return out
+
+
+# ---------------------------------------------------------------- the jitted decoder
+
+class _Static:
+    """A GraphDef made hashable for jit's static arguments (ModelConfig, inside it, is a plain
+    dataclass): two models of the same structure share compiles."""
+
+    def __init__(self, graphdef):
+        self.graphdef, self._key = graphdef, repr(graphdef)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self._key == other._key
+
+@partial(jax.jit, static_argnames=("graphdef", "mesh", "cache_len", "max_new", "temperature", "top_k",
+                                   "top_p"))
+def _decode(graphdef, state, ids_BxP, pos_BxP, seg_BxP, done_B, stop_T, key, *, mesh, cache_len,
+            max_new, temperature, top_k, top_p):
+    model = nnx.merge(graphdef.graphdef, state)
+    b, p = ids_BxP.shape
+    cache = model.init_cache(b, cache_len)
+    if mesh is not None:  # cache rows follow the batch; kv heads follow the tensor axis
+        axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+        kv = NamedSharding(mesh, sharding.spec(axes, cache["k"].shape, mesh))
+        cache["k"] = jax.lax.with_sharding_constraint(cache["k"], kv)
+        cache["v"] = jax.lax.with_sharding_constraint(cache["v"], kv)
+    logits_BxPxV, cache = model(ids_BxP, pos_BxP, seg_BxP, cache)
+    next_pos_B = pos_BxP[:, -1] + 1
+
+    def cond(carry):
+        step, done_B = carry[0], carry[3]
+        return (step < max_new) & ~jnp.all(done_B)
+
+    def body(carry):
+        step, logits_BxV, out_BxT, done_B, cache, pos_B = carry
+        tok_B = sample_logits(jax.random.fold_in(key, step), logits_BxV, temperature, top_k, top_p)
+        tok_B = jnp.where(done_B, -1, tok_B)  # -1 marks "already finished"
+        out_BxT = jax.lax.dynamic_update_slice(out_BxT, tok_B[:, None], (0, step))
+        done_B = done_B | jnp.isin(tok_B, stop_T)
+        logits_Bx1xV, cache = model(jnp.maximum(tok_B, 0)[:, None], pos_B[:, None],
+                                    jnp.ones((b, 1), jnp.int32), cache)
+        return step + 1, logits_Bx1xV[:, 0], out_BxT, done_B, cache, pos_B + 1
+
+    out_BxT = jnp.full((b, max_new), -1, jnp.int32)
+    carry = (jnp.int32(0), logits_BxPxV[:, -1], out_BxT, done_B, cache, next_pos_B)
+    return jax.lax.while_loop(cond, body, carry)[2]
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: Iterable[int] = (),
+             stop_ids: Iterable[int] | None = None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, cache_len: int | None = None) -> list[list[int]]:
+    """New tokens for each prompt (token ids, BOS included), cut before the first EOS or stop
+    token and at `max_new_tokens`. Greedy unless `temperature` > 0."""
+    _check_prompts(model, prompts, max_new_tokens)
+    stop = sorted(set(eos_ids) | set(stop_ids or ()))
+    mesh = _model_mesh(model)
+    rows = _batch_rows(len(prompts), mesh)
+    p = bucket(max(len(x) for x in prompts))
+    need = p + max_new_tokens
+    s = bucket(need, 64) if cache_len is None else cache_len
+    if s < need:
+        raise ValueError(f"generate: cache_len={s} is shorter than prompt bucket {p} + "
+                         f"max_new_tokens {max_new_tokens}")
+    ids, pos, seg = left_pad(prompts, rows, p)
+    done = np.arange(rows) >= len(prompts)  # filler rows start finished
+    args = [ids, pos, seg, done]
+    if mesh is not None:
+        args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
+    graphdef, state = nnx.split(model)
+    out = _decode(_Static(graphdef), state, *args, jnp.asarray(stop or [-2], jnp.int32),
+                  jax.random.key(seed), mesh=mesh, cache_len=s, max_new=max_new_tokens,
+                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    return _cut(np.asarray(jax.device_get(out)), len(prompts), set(stop))
+
+
+# ---------------------------------------------------------------- reference without a cache
+
+@partial(jax.jit, static_argnums=0)
+def _full_logits(graphdef, state, ids_BxS, pos_BxS, seg_BxS):
+    return nnx.merge(graphdef.graphdef, state)(ids_BxS, pos_BxS, seg_BxS)
+
+
+def generate_no_cache(model, prompts: list[list[int]], max_new_tokens: int, *,
+                      eos_ids: Iterable[int] = (), stop_ids: Iterable[int] | None = None,
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      seed: int = 0) -> list[list[int]]:
+    """The slow path: a Python loop that runs the whole sequence through the model for every
+    new token (one fixed-shape forward, compiled once). Reference for tests and benchmarks."""
+    _check_prompts(model, prompts, max_new_tokens)
+    stop = set(eos_ids) | set(stop_ids or ())
+    b, p = len(prompts), max(len(x) for x in prompts)
+    ids, pos, seg = left_pad(prompts, b, p)
+    # New tokens are appended after the prompt slots; causality hides the unfilled ones.
+    ids = np.pad(ids, ((0, 0), (0, max_new_tokens)))
+    seg = np.pad(seg, ((0, 0), (0, max_new_tokens)), constant_values=1)
+    pos = np.concatenate([pos, pos[:, -1:] + 1 + np.arange(max_new_tokens)], axis=1)
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(seed)
+    done = np.zeros(b, bool)
+    out = np.full((b, max_new_tokens), -1, np.int32)
+    for step in range(max_new_tokens):
+        logits_BxSxV = _full_logits(_Static(graphdef), state, ids, pos, seg)
+        tok = np.asarray(sample_logits(jax.random.fold_in(key, step), logits_BxSxV[:, p + step - 1],
+                                       temperature, top_k, top_p))
+        tok = np.where(done, -1, tok)
+        out[:, step] = tok
+        ids[:, p + step] = np.maximum(tok, 0)
+        done |= np.isin(tok, list(stop))
+        if done.all():
+            break
+    return _cut(out, b, stop)
+
+
+# ---------------------------------------------------------------- text in, text out
+
+def cut_at_stop(text: str, stop_strings: Iterable[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string."""
+    ends = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def generate_text(model, tok, template, records: list[dict], max_new_tokens: int,
+                  stop_strings: Iterable[str] = (), *, batch_size: int = 8,
+                  prompts: list[list[int]] | None = None, **sampling) -> list[str]:
+    """The generated text for each record's prompt (tokenised as in training), cut at the first
+    stop string. `prompts` overrides the token ids (few-shot prompts are built by the caller)."""
+    from jaxft.templates import prompt_ids
+
+    if prompts is None:
+        prompts = [prompt_ids(tok, template, ex) for ex in records]
+    stop_strings = tuple(stop_strings)
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        new = generate(model, prompts[i:i + batch_size], max_new_tokens,
+                       eos_ids=(tok.eos_id,), **sampling)
+        texts += [cut_at_stop(tok.decode(ids), stop_strings) for ids in new]
+    return texts
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a model directory")
+    p.add_argument("--ckpt", required=True, help="model directory (jaxft convert or a train export)")
+    p.add_argument("--prompt", required=True, help="the instruction (or raw text without --template)")
+    p.add_argument("--input", default="", help="the input field, for templates that have one")
+    p.add_argument("--template", default="", help="prompt template name; empty: raw text after BOS")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    import jaxft
+
+    loaded = jaxft.load(args.ckpt)
+    tok = loaded.tokenizer
+    if tok is None:
+        print(f"jaxft generate: {args.ckpt} has no tokenizer/ directory", file=sys.stderr)
+        return 2
+    if args.template:
+        from jaxft.templates import get_template, prompt_ids
+        ex = {"instruction": args.prompt, "input": args.input, "output": ""}
+        ids = prompt_ids(tok, get_template(args.template), ex)
+    else:
+        ids = [tok.bos_id] + tok.encode(args.prompt)
+    new = generate(loaded.model, [ids], args.max_new_tokens, eos_ids=(tok.eos_id,),
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(tok.decode(new[0], skip_special=True))
+    return 0

@@ -1,0 +1,174 @@
+"""KV-cache decoding against full recomputation, batching, sharding, stopping and sampling."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxft.config import MeshConfig
+from jaxft.generate import bucket, cut_at_stop, generate, generate_no_cache, left_pad, sample_logits
+from jaxft.model import Llama
+from jaxft.sharding import init_model, make_mesh
+
+PROMPTS = [[1, 5, 9, 33, 2], [1, 7], [1, 100, 200, 300, 400, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cfg):
+    return Llama(tiny_cfg, nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Greedy tokens by recomputing the whole sequence every step."""
+    return generate_no_cache(model, PROMPTS, NEW)
+
+
+def sharded_copy(model, cfg, mesh_cfg):
+    sharded = init_model(cfg, make_mesh(mesh_cfg), seed=1)
+    target = jax.tree.map(lambda x: x.sharding, nnx.state(sharded, nnx.Param))
+    nnx.update(sharded, jax.device_put(nnx.state(model, nnx.Param), target))
+    return sharded
+
+
+def test_cache_matches_full_recompute(model, reference):
+    assert [len(r) for r in reference] == [NEW] * len(PROMPTS)
+    assert generate(model, PROMPTS, NEW) == reference
+
+
+def test_batched_equals_one_at_a_time(model, reference):
+    # Alone, a prompt has no padding: equal results mean padding is invisible to real tokens.
+    assert [generate(model, [p], NEW)[0] for p in PROMPTS] == reference
+
+
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=2, fsdp=4), MeshConfig(fsdp=4, tensor=2)],
+                         ids=["data2-fsdp4", "fsdp4-tensor2"])
+def test_sharded_matches_single_device(model, tiny_cfg, reference, mesh_cfg):
+    sharded = sharded_copy(model, tiny_cfg, mesh_cfg)
+    assert len(sharded.embed_VxD[...].sharding.device_set) == 8
+    assert generate(sharded, PROMPTS, NEW) == reference
+
+
+def test_left_pad_positions_start_at_each_prompt():
+    ids, pos, seg = left_pad([[4, 5, 6], [7]], rows=3, length=4)
+    assert ids.tolist() == [[0, 4, 5, 6], [0, 0, 0, 7], [0, 0, 0, 4]]
+    assert pos.tolist() == [[0, 0, 1, 2], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert seg.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]]
+    assert [bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+
+
+# ---------------------------------------------------------------- a model whose output is known
+
+@pytest.fixture(scope="module")
+def chain(tiny_cfg):
+    """A model that maps the last token t to succ[t] whatever came before: blocks are zero (the
+    residual passes the embedding through), embeddings are unit-scaled random directions and
+    the head row of succ[t] is t's embedding."""
+    m = Llama(tiny_cfg, nnx.Rngs(0))
+    v, d = tiny_cfg.vocab_size, tiny_cfg.dim
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(m.embed_VxD[...].shape[0], d)).astype(np.float32)
+    e *= np.sqrt(d) / np.linalg.norm(e, axis=1, keepdims=True)
+    succ = rng.permutation(v)
+    head = np.zeros_like(e)
+    head[succ] = e[:v]
+    m.embed_VxD[...] = jnp.asarray(e)
+    m.lm_head_VxD[...] = jnp.asarray(head)
+    blocks = nnx.state(m.blocks, nnx.Param)
+    nnx.update(m.blocks, jax.tree.map(jnp.zeros_like, blocks))
+    # The construction itself: every token's next-token argmax is its successor.
+    ids = jnp.arange(v)[:, None]
+    assert (np.asarray(m(ids)[:, 0].argmax(-1)) == succ).all()
+    return m, succ
+
+
+def walk(succ, t, n):
+    out = []
+    for _ in range(n):
+        t = int(succ[t])
+        out.append(t)
+    return out
+
+
+def test_stops_at_eos_and_max_tokens(chain):
+    m, succ = chain
+    a, b = [1, 2, 3], [4, 5]
+    path_a, path_b = walk(succ, 3, 12), walk(succ, 5, 12)
+    eos = path_a[4]
+    assert eos not in path_b
+    out = generate(m, [a, b], 12, eos_ids=(eos,))
+    # Row a stops before its EOS; row b runs to the budget while a is finished.
+    assert out == [path_a[:4], path_b]
+    assert generate(m, [a], 3) == [path_a[:3]]
+    assert generate(m, [b], 12, eos_ids=(eos,), stop_ids=[path_b[1]]) == [path_b[:1]]
+    assert generate_no_cache(m, [a, b], 12, eos_ids=(eos,)) == out
+
+
+def test_stop_at_first_token_gives_empty(chain):
+    m, succ = chain
+    assert generate(m, [[1, 7]], 5, eos_ids=(int(succ[7]),)) == [[]]
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1], []], 4)
+    with pytest.raises(ValueError, match="cache_len=16"):
+        generate(model, [[1, 2]], 4, cache_len=16)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, [[1, 100000]], 4)
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("abc<END_A>def\n\n### x", ["\n\n### ", "<END_A>"]) == "abc"
+    assert cut_at_stop("abc", ["zz"]) == "abc"
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_sampling_deterministic_per_seed(model):
+    kw = dict(temperature=1.0, top_k=50, top_p=0.95)
+    a = generate(model, PROMPTS, NEW, seed=1, **kw)
+    assert generate(model, PROMPTS, NEW, seed=1, **kw) == a
+    assert generate(model, PROMPTS, NEW, seed=2, **kw) != a
+    assert generate_no_cache(model, PROMPTS, NEW, seed=1, **kw) == a
+
+
+# Seven tokens in scrambled order; the last two are almost never drawn even untruncated.
+PROBS = {3: 0.40, 0: 0.25, 6: 0.15, 1: 0.10, 5: 0.06, 2: 0.04, 4: 0.0}
+N_DRAWS = 20000
+
+
+def draw(temperature=1.0, top_k=0, top_p=1.0, seed=0):
+    p = np.array([PROBS[i] for i in range(7)]) + 1e-12
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (N_DRAWS, 7))
+    tok = np.asarray(sample_logits(jax.random.key(seed), logits, temperature, top_k, top_p))
+    return np.bincount(tok, minlength=7) / N_DRAWS
+
+
+def expected(allowed, temperature=1.0):
+    w = {t: PROBS[t] ** (1 / temperature) for t in allowed}
+    z = sum(w.values())
+    return np.array([w.get(i, 0.0) / z for i in range(7)])
+
+
+@pytest.mark.parametrize("kw,allowed", [
+    (dict(top_k=3), {3, 0, 6}),
+    (dict(top_p=0.6), {3, 0}),  # 0.40 < 0.6, then 0.65 crosses: the crossing token stays
+    (dict(top_p=0.7), {3, 0, 6}),
+    (dict(top_k=2, top_p=0.99), {3, 0}),
+    (dict(top_k=1), {3}),
+    (dict(), set(PROBS)),
+    (dict(temperature=0.5, top_k=4), {3, 0, 6, 1}),
+])
+def test_top_k_top_p_respected(kw, allowed):
+    kw = {"temperature": 1.0, **kw}
+    freq = draw(**kw)
+    outside = [i for i in range(7) if i not in allowed]
+    assert freq[outside].sum() == 0.0
+    np.testing.assert_allclose(freq, expected(allowed, kw["temperature"]), atol=0.015)
+
+
+def test_greedy_is_argmax():
+    logits = jnp.asarray([[0.1, 2.0, -1.0], [3.0, 2.9, 0.0]])
+    assert sample_logits(jax.random.key(0), logits).tolist() == [1, 0]
