@@ -42,7 +42,8 @@ class Template:
     def _require(self, ex: dict, *fmts: str | None) -> None:
         for field in (f for fmt in fmts if fmt for f in _fields_of(fmt)):
             if field not in ex:
-                raise TemplateError(f"record has no field {field!r} (template {self.name}); "
+                where = f" at line {ex['line']}" if "line" in ex else ""  # set by task readers
+                raise TemplateError(f"record{where} has no field {field!r} (template {self.name}); "
                                     f"it has {sorted(ex)}")
 
     def prompt(self, ex: dict) -> str:

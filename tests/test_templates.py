@@ -183,6 +183,8 @@ def test_missing_record_field_is_named():
         t.response({"instruction": "", "input": "x"})
     with pytest.raises(TemplateError, match="no field 'input'"):
         get_template("alpaca").prompt({"instruction": "x", "output": "y", "inputs": "z"})
+    with pytest.raises(TemplateError, match="record at line 7 has no field 'input'"):
+        t.prompt({"instruction": "x", "output": "y", "line": 7})
 
 
 def test_unknown_template_names_the_choices(tmp_path):
