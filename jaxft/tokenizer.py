@@ -57,7 +57,7 @@ class Tokenizer:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def _hf_config(self, tokenizer_class: str, added: dict[int, str]) -> dict:
+    def _hf_config(self, tokenizer_class: str, added: dict[int, tuple[str, bool]]) -> dict:
         """tokenizer_config.json in the shape transformers reads (special tokens by content)."""
         piece = lambda i: None if i is None else self.id_to_piece(i)  # noqa: E731
         return {
@@ -65,9 +65,9 @@ class Tokenizer:
             "bos_token": piece(self.bos_id), "eos_token": piece(self.eos_id),
             "pad_token": piece(self.pad_id), "add_bos_token": self.bos_id is not None,
             "add_eos_token": False, "clean_up_tokenization_spaces": False,
-            "added_tokens_decoder": {str(i): {"content": t, "special": True, "normalized": False,
+            "added_tokens_decoder": {str(i): {"content": t, "special": special, "normalized": False,
                                               "lstrip": False, "rstrip": False, "single_word": False}
-                                     for i, t in added.items()},
+                                     for i, (t, special) in added.items()},
         }
 
     def _write(self, out_dir, force: bool, main_file: str, payload: bytes, config: dict) -> Path:
@@ -153,7 +153,7 @@ class SentencePieceTokenizer(Tokenizer):
         return [self.token_id(t) for t in tokens]
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
-        config = self._hf_config("LlamaTokenizer", self._added)
+        config = self._hf_config("LlamaTokenizer", {i: (t, True) for i, t in self._added.items()})
         config["unk_token"] = self._sp.id_to_piece(self._sp.unk_id())
         config["legacy"] = False  # no dummy space after special tokens, as SentencePiece does
         return self._write(out_dir, force, SP_FILE, self._proto.SerializeToString(), config)
@@ -180,7 +180,7 @@ class HFTokenizer(Tokenizer):
 
         with_special = core.encode("a", add_special_tokens=True).ids
         plain = core.encode("a", add_special_tokens=False).ids
-        if len(with_special) > len(plain) and with_special[1:] == plain:
+        if len(with_special) > len(plain) and with_special[1:1 + len(plain)] == plain:
             self.bos_id = with_special[0]
         else:
             self.bos_id = config_id("bos_token") if config.get("add_bos_token") else None
@@ -224,7 +224,7 @@ class HFTokenizer(Tokenizer):
         return [self.token_id(t) for t in tokens]
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
-        added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        added = {i: (t.content, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
         config = self._hf_config("PreTrainedTokenizerFast", added)
         return self._write(out_dir, force, HF_FILE, self._tok.to_str().encode(), config)
 
