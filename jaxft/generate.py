@@ -120,10 +120,10 @@ class _Static:
     def __eq__(self, other):
         return isinstance(other, _Static) and self._key == other._key
 
-@partial(jax.jit, static_argnames=("graphdef", "mesh", "cache_len", "max_new", "temperature", "top_k",
-                                   "top_p"))
-def _decode(graphdef, state, ids_BxP, pos_BxP, seg_BxP, done_B, stop_T, key, *, mesh, cache_len,
-            max_new, temperature, top_k, top_p):
+@partial(jax.jit, static_argnames=("graphdef", "mesh", "cache_len", "out_len", "temperature",
+                                   "top_k", "top_p"))
+def _decode(graphdef, state, ids_BxP, pos_BxP, seg_BxP, done_B, stop_T, key, max_new, *, mesh,
+            cache_len, out_len, temperature, top_k, top_p):
     model = nnx.merge(graphdef.graphdef, state)
     b, p = ids_BxP.shape
     cache = model.init_cache(b, cache_len)
@@ -149,7 +149,7 @@ def _decode(graphdef, state, ids_BxP, pos_BxP, seg_BxP, done_B, stop_T, key, *, 
                                     jnp.ones((b, 1), jnp.int32), cache)
         return step + 1, logits_Bx1xV[:, 0], out_BxT, done_B, cache, pos_B + 1
 
-    out_BxT = jnp.full((b, max_new), -1, jnp.int32)
+    out_BxT = jnp.full((b, out_len), -1, jnp.int32)
     carry = (jnp.int32(0), logits_BxPxV[:, -1], out_BxT, done_B, cache, next_pos_B)
     return jax.lax.while_loop(cond, body, carry)[2]
 
@@ -163,29 +163,34 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
     stop = sorted(set(eos_ids) | set(stop_ids or ()))
     mesh = _model_mesh(model)
     rows = _batch_rows(len(prompts), mesh)
-    p = bucket(max(len(x) for x in prompts))
-    need = p + max_new_tokens
-    s = bucket(need, 64) if cache_len is None else cache_len
-    if s < need:
+    p, t = bucket(max(len(x) for x in prompts)), bucket(max_new_tokens)
+    s = bucket(p + t, 64) if cache_len is None else cache_len
+    if s < p + max_new_tokens:
         raise ValueError(f"generate: cache_len={s} is shorter than prompt bucket {p} + "
                          f"max_new_tokens {max_new_tokens}")
+    t = min(t, s - p)
     ids, pos, seg = left_pad(prompts, rows, p)
     done = np.arange(rows) >= len(prompts)  # filler rows start finished
     args = [ids, pos, seg, done]
     if mesh is not None:
         args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
     graphdef, state = nnx.split(model)
-    out = _decode(_Static(graphdef), state, *args, jnp.asarray(stop or [-2], jnp.int32),
-                  jax.random.key(seed), mesh=mesh, cache_len=s, max_new=max_new_tokens,
+    stop_T = np.full(bucket(len(stop), 8), -2, np.int32)  # -2 matches no token
+    stop_T[:len(stop)] = stop
+    out = _decode(_Static(graphdef), state, *args, stop_T,
+                  jax.random.key(seed), jnp.int32(max_new_tokens), mesh=mesh, cache_len=s, out_len=t,
                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-    return _cut(np.asarray(jax.device_get(out)), len(prompts), set(stop))
+    return _cut(np.asarray(jax.device_get(out))[:, :max_new_tokens], len(prompts), set(stop))
 
 
 # ---------------------------------------------------------------- reference without a cache
 
 @partial(jax.jit, static_argnums=0)
-def _full_logits(graphdef, state, ids_BxS, pos_BxS, seg_BxS):
-    return nnx.merge(graphdef.graphdef, state)(ids_BxS, pos_BxS, seg_BxS)
+def _logits_at(graphdef, state, ids_BxS, pos_BxS, seg_BxS, slot):
+    """Logits `[B, V]` at one slot, from a full forward pass without a cache."""
+    model = nnx.merge(graphdef.graphdef, state)
+    h_BxSxD, _ = model.hidden(ids_BxS, pos_BxS, seg_BxS)
+    return model.logits(jax.lax.dynamic_slice_in_dim(h_BxSxD, slot, 1, axis=1))[:, 0]
 
 
 def generate_no_cache(model, prompts: list[list[int]], max_new_tokens: int, *,
@@ -207,9 +212,9 @@ def generate_no_cache(model, prompts: list[list[int]], max_new_tokens: int, *,
     done = np.zeros(b, bool)
     out = np.full((b, max_new_tokens), -1, np.int32)
     for step in range(max_new_tokens):
-        logits_BxSxV = _full_logits(_Static(graphdef), state, ids, pos, seg)
-        tok = np.asarray(sample_logits(jax.random.fold_in(key, step), logits_BxSxV[:, p + step - 1],
-                                       temperature, top_k, top_p))
+        logits_BxV = _logits_at(_Static(graphdef), state, ids, pos, seg, p + step - 1)
+        tok = np.asarray(sample_logits(jax.random.fold_in(key, step), logits_BxV, temperature,
+                                       top_k, top_p))
         tok = np.where(done, -1, tok)
         out[:, step] = tok
         ids[:, p + step] = np.maximum(tok, 0)
@@ -237,10 +242,12 @@ def generate_text(model, tok, template, records: list[dict], max_new_tokens: int
     if prompts is None:
         prompts = [prompt_ids(tok, template, ex) for ex in records]
     stop_strings = tuple(stop_strings)
+    # A stop string that is one token (a template's end marker) also ends decoding early.
+    stop_ids = [i for i in map(tok.token_id, stop_strings) if i is not None]
     texts = []
     for i in range(0, len(prompts), batch_size):
         new = generate(model, prompts[i:i + batch_size], max_new_tokens,
-                       eos_ids=(tok.eos_id,), **sampling)
+                       eos_ids=(tok.eos_id,), stop_ids=stop_ids, **sampling)
         texts += [cut_at_stop(tok.decode(ids), stop_strings) for ids in new]
     return texts
 
@@ -272,7 +279,7 @@ def _main(args) -> int:
         ex = {"instruction": args.prompt, "input": args.input, "output": ""}
         ids = prompt_ids(tok, get_template(args.template), ex)
     else:
-        ids = [tok.bos_id] + tok.encode(args.prompt)
+        ids = [tok.bos_id] * (tok.bos_id is not None) + tok.encode(args.prompt)
     new = generate(loaded.model, [ids], args.max_new_tokens, eos_ids=(tok.eos_id,),
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(tok.decode(new[0], skip_special=True))
