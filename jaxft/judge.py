@@ -1,0 +1,117 @@
+"""A judge model scores instruction-task responses 0-100 (the ch07 instruct evaluation).
+
+The judge is any chat endpoint: Ollama's `/api/chat` or an OpenAI-compatible
+`/v1/chat/completions`, chosen by the URL's path. It is off unless `eval.judge_url` is set.
+Only the standard library talks to it, so nothing extra is installed for an optional feature.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+
+from jaxft.config import EvalConfig
+
+PROMPT = (
+    "You grade answers to instructions. Compare the model response with the reference answer "
+    "and rate the response from 0 (useless or wrong) to 100 (as good as the reference).\n\n"
+    "Instruction:\n{instruction}\n\nReference answer:\n{reference}\n\n"
+    "Model response:\n{response}\n\n"
+    "Reply with the integer score only.")
+
+_SCORE = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint failed or replied with something that is not a score."""
+
+
+def parse_score(text: str) -> int | None:
+    """The first whole number in 0..100 in the reply, or None."""
+    for m in _SCORE.finditer(text):
+        n = int(m.group(1))
+        if n <= 100:
+            return n
+    return None
+
+
+@dataclass
+class JudgeReport:
+    scores: list[int | None]  # per response; None where the judge failed
+    errors: list[str] = field(default_factory=list)  # one message per failure
+
+    @property
+    def mean(self) -> float | None:
+        ok = [s for s in self.scores if s is not None]
+        return sum(ok) / len(ok) if ok else None
+
+
+class Judge:
+    def __init__(self, url: str, model: str, timeout_s: float = 60.0):
+        path = urllib.parse.urlsplit(url).path.rstrip("/")
+        if path.endswith("/api/chat"):
+            self.kind = "ollama"
+        elif path.endswith("/chat/completions"):
+            self.kind = "openai"
+        else:
+            raise ValueError(f"judge url {url!r}: expected an Ollama .../api/chat or an "
+                             "OpenAI-compatible .../v1/chat/completions endpoint")
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+
+    def _request(self, prompt: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        if self.kind == "ollama":
+            body = {"model": self.model, "messages": messages, "stream": False,
+                    "options": {"temperature": 0, "seed": 0}}
+        else:
+            body = {"model": self.model, "messages": messages, "temperature": 0}
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                raw = r.read()
+        except (TimeoutError, socket.timeout):
+            raise JudgeError(f"judge {self.url}: no reply within {self.timeout_s:g} s") from None
+        except urllib.error.HTTPError as e:
+            raise JudgeError(f"judge {self.url}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                raise JudgeError(f"judge {self.url}: no reply within {self.timeout_s:g} s") from None
+            raise JudgeError(f"judge {self.url}: cannot connect ({e.reason})") from None
+        try:
+            reply = json.loads(raw)
+            if self.kind == "ollama":
+                return reply["message"]["content"]
+            return reply["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(f"judge {self.url}: malformed {self.kind} reply: "
+                             f"{raw[:200].decode(errors='replace')!r}") from None
+
+    def score(self, instruction: str, reference: str, response: str) -> int:
+        text = self._request(PROMPT.format(instruction=instruction, reference=reference,
+                                           response=response))
+        n = parse_score(text)
+        if n is None:
+            raise JudgeError(f"judge {self.url}: reply has no score from 0 to 100: {text[:200]!r}")
+        return n
+
+    def score_all(self, items: list[tuple[str, str, str]]) -> JudgeReport:
+        """Scores (instruction, reference, response) triples; a failure is recorded and
+        skipped, so one bad reply does not lose the rest of the run."""
+        report = JudgeReport(scores=[])
+        for i, (instruction, reference, response) in enumerate(items):
+            try:
+                report.scores.append(self.score(instruction, reference, response))
+            except JudgeError as e:
+                report.scores.append(None)
+                report.errors.append(f"item {i}: {e}")
+        return report
+
+
+def from_config(cfg: EvalConfig) -> Judge | None:
+    """The configured judge, or None when `judge_url` is empty (the default)."""
+    return Judge(cfg.judge_url, cfg.judge_model, cfg.judge_timeout_s) if cfg.judge_url else None
