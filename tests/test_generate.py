@@ -60,17 +60,17 @@ def test_left_pad_positions_start_at_each_prompt():
 
 # ---------------------------------------------------------------- a model whose output is known
 
-@pytest.fixture(scope="module")
-def chain(tiny_cfg):
+def chain_model(cfg, n_used: int | None = None, seed: int = 0):
     """A model that maps the last token t to succ[t] whatever came before: blocks are zero (the
     residual passes the embedding through), embeddings are unit-scaled random directions and
-    the head row of succ[t] is t's embedding."""
-    m = Llama(tiny_cfg, nnx.Rngs(0))
-    v, d = tiny_cfg.vocab_size, tiny_cfg.dim
-    rng = np.random.default_rng(0)
+    the head row of succ[t] is t's embedding. succ permutes the first n_used ids."""
+    m = Llama(cfg, nnx.Rngs(0))
+    v, d = cfg.vocab_size, cfg.dim
+    n_used = n_used or v
+    rng = np.random.default_rng(seed)
     e = rng.normal(size=(m.embed_VxD[...].shape[0], d)).astype(np.float32)
     e *= np.sqrt(d) / np.linalg.norm(e, axis=1, keepdims=True)
-    succ = rng.permutation(v)
+    succ = np.concatenate([rng.permutation(n_used), np.arange(n_used, v)])
     head = np.zeros_like(e)
     head[succ] = e[:v]
     m.embed_VxD[...] = jnp.asarray(e)
@@ -81,6 +81,11 @@ def chain(tiny_cfg):
     ids = jnp.arange(v)[:, None]
     assert (np.asarray(m(ids)[:, 0].argmax(-1)) == succ).all()
     return m, succ
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_cfg):
+    return chain_model(tiny_cfg)
 
 
 def walk(succ, t, n):
