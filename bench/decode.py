@@ -1,0 +1,107 @@
+"""Greedy decode speed: jaxft with the KV cache, jaxft recomputing the whole sequence, and HF
+PyTorch `generate` (with and without its cache), on the same random Llama, prompts and token
+count, on this machine's CPU.
+
+    .venv/bin/python bench/decode.py                   # SmolLM2-135M shape
+    .venv/bin/python bench/decode.py --layers 4 --new-tokens 32   # a quick look
+
+The HF model is random (seeded), saved as safetensors and converted with `jaxft.convert`, so
+both frameworks run identical weights. Compile time is reported apart from decode time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_hf(args, path: Path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3,
+                      rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M: 30)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-no-cache", action="store_true", help="skip the two slow no-cache rows")
+    args = ap.parse_args()
+
+    import jax
+    import torch
+
+    import jaxft
+    from jaxft.convert import from_hf
+    from jaxft.generate import generate, generate_no_cache
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    hf = build_hf(args, tmp / "hf")
+    from_hf(tmp / "hf", tmp / "jaxft")
+    model = jaxft.load(tmp / "jaxft").model
+
+    rng = np.random.default_rng(args.seed)
+    prompts = [[1] + rng.integers(3, 49152, args.prompt_len - 1).tolist() for _ in range(args.batch)]
+    n, b = args.new_tokens, args.batch
+    rows = []
+
+    # jaxft with the cache: the first call compiles, the second is timed.
+    _, t_first = timed(lambda: generate(model, prompts, n))
+    ours, t = timed(lambda: generate(model, prompts, n))
+    rows.append(("jaxft, KV cache (jit, while_loop)", t, t_first - t))
+    if not args.skip_no_cache:
+        _, t_c = timed(lambda: generate_no_cache(model, prompts, 1))  # compiles the forward
+        ours_nc, t = timed(lambda: generate_no_cache(model, prompts, n))
+        rows.append(("jaxft, no cache (full forward per token)", t, t_c))
+        assert ours_nc == ours, "cache and no-cache greedy tokens differ"
+
+    ids = torch.tensor(prompts)
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        theirs, t = timed(lambda: hf.generate(ids, use_cache=True, **kw))
+        rows.append(("HF PyTorch generate, cache", t, 0.0))
+        if not args.skip_no_cache:
+            _, t = timed(lambda: hf.generate(ids, use_cache=False, **kw))
+            rows.append(("HF PyTorch generate, no cache", t, 0.0))
+    theirs = theirs[:, ids.shape[1]:].tolist()
+    agree = [next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), n) for a, c in zip(ours, theirs)]
+
+    n_params = sum(p.numel() for p in hf.parameters())
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print(f"model: {args.layers} layers, {n_params / 1e6:.1f}M params, fp32; batch {b}, "
+          f"prompt {args.prompt_len} tokens, {n} new tokens, greedy")
+    print(f"jaxft and HF agree on the first {min(agree)} of {n} greedy tokens in every row")
+    print(f"\n| {'method':<42} | {'decode s':>8} | {'tokens/s':>8} | {'compile s':>9} |")
+    print(f"|{'-' * 44}|{'-' * 10}|{'-' * 10}|{'-' * 11}|")
+    for name, t, c in rows:
+        print(f"| {name:<42} | {t:8.2f} | {b * n / t:8.1f} | {c:9.1f} |")
+
+
+if __name__ == "__main__":
+    main()
