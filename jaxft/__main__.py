@@ -16,10 +16,14 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(f"jaxft.{name}").add_parser(sub)
     args = parser.parse_args(argv)
     from jaxft.config import ConfigError
+    from jaxft.judge import JudgeError
     from jaxft.modeldir import OutputExistsError
+    from jaxft.tasks import DataError
+    from jaxft.templates import TemplateError
     try:
         return args.func(args) or 0
-    except (ConfigError, OutputExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TemplateError, JudgeError, OutputExistsError,
+            FileNotFoundError) as e:
         print(f"jaxft {args.command}: error: {e}", file=sys.stderr)
         return 2
 

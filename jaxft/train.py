@@ -199,11 +199,16 @@ def run(cfg: Config, run_dir: str | Path) -> int:
     fpt, peak = flops_per_token(mcfg, cfg.data.max_length), peak_flops() * jax.device_count()
 
     def save(wait=False):
+        if step in ckpts.steps():  # already saved at this step (e.g. ckpt_every hit the end)
+            return ckpts.wait() if wait else None
         ckpts.save(step, {"params": params, "opt": opt_state, "step": jnp.int32(step), "rng": rng},
                    loader.get_state(), wait=wait)
 
+    last_eval = -1
+
     def evaluate():
-        nonlocal best, since_best
+        nonlocal best, since_best, last_eval
+        last_eval = step
         rec = {"kind": "eval", "step": step, "tokens_seen": tokens_seen}
         if eval_fn is not None:
             vloader = data.make_loader(cfg, tok, valid_records, train=False)
@@ -263,7 +268,7 @@ def run(cfg: Config, run_dir: str | Path) -> int:
         if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
             save()
     if status == 0:
-        if cfg.train.eval_every and (not vals or step % cfg.train.eval_every):
+        if cfg.train.eval_every and last_eval != step:
             evaluate()
         save(wait=True)
         modeldir.save_model(run_dir / "final", nnx.merge(layout.graphdef, params), tok, force=True)

@@ -1,0 +1,153 @@
+"""End-to-end training through the CLI, in subprocesses like a user runs it: loss falls, a run
+killed with SIGKILL resumes bit-identically, SIGTERM saves and exits 0, torn checkpoints are
+skipped, NaN stops the run, and bad configs fail before anything compiles."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny-viggo.yaml")
+FAST = ["data.limit=400", "train.eval_batches=2", "train.progress=false"]
+
+
+def jaxft(*args, wait=True, **kw):
+    cmd = [sys.executable, "-m", "jaxft", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def train_args(out, *sets):
+    args = ["train", CONFIG, "--out", str(out)]
+    for s in (*FAST, *sets):
+        args += ["--set", s]
+    return args
+
+
+def metrics(run):
+    return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(run):
+    from jaxft import modeldir, sharding
+    from jaxft.config import MeshConfig
+    cfg = modeldir.read_config(Path(run) / "final")
+    mesh = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    _, abs_state = sharding.abstract_model(cfg, mesh)
+    return jax.device_get(modeldir.load_params(Path(run) / "final", abs_state.to_pure_dict()))
+
+
+STEPS = ["train.steps=40", "train.ckpt_every=10", "train.eval_every=20"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    r = jaxft(*train_args(out, *STEPS))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r
+
+
+def test_loss_falls_by_half_and_val_loss_reported(straight_run):
+    out, r = straight_run
+    rows = metrics(out)
+    train = [x["loss"] for x in rows if x["kind"] == "train"]
+    assert len(train) == 40
+    assert np.mean(train[-5:]) <= 0.5 * np.mean(train[:3])
+    vals = [x for x in rows if x["kind"] == "eval"]
+    assert [v["step"] for v in vals] == [20, 40] and all(np.isfinite(v["val_loss"]) for v in vals)
+    assert vals[1]["val_loss"] < vals[0]["val_loss"]
+    for key in ("tokens_seen", "lr", "grad_norm", "tok_s", "mfu"):
+        assert key in rows[0]
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert (out / "best" / "config.json").exists() and (out / "tokenizer").is_dir()
+    assert "val loss" in r.stderr and str(out) in r.stderr
+
+
+def test_kill9_then_resume_is_bit_identical(straight_run, tmp_path):
+    out = tmp_path / "run"
+    p = jaxft(*train_args(out, *STEPS), wait=False)
+    ckpt = out / "ckpt" / "20"
+    deadline = time.time() + 300
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "final").exists()
+    r = jaxft(*train_args(out, *STEPS))
+    assert r.returncode == 0, r.stdout + r.stderr
+    restored = int(r.stderr.split("resuming at step ")[1].split(";")[0])
+    assert 20 <= restored < 40
+    ref, got = final_params(straight_run[0]), final_params(out)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        assert np.array_equal(a, b)
+    ref_curve = {x["step"]: x["loss"] for x in metrics(straight_run[0]) if x["kind"] == "train"}
+    got_curve = {x["step"]: x["loss"] for x in metrics(out) if x["kind"] == "train"}
+    assert sorted(got_curve) == list(range(1, 41))  # no repeated or missing steps
+    assert all(got_curve[s] == ref_curve[s] for s in range(restored + 1, 41))
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    p = jaxft(*train_args(out, "train.steps=400", "train.ckpt_every=5", "train.eval_every=0"),
+              wait=False)
+    deadline = time.time() + 300
+    while not (out / "ckpt" / "5").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    log = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, log
+    assert "SIGTERM" in log
+    last = [x["step"] for x in metrics(out) if x["kind"] == "train"][-1]
+    assert last < 400
+    assert max(int(d.name) for d in (out / "ckpt").iterdir() if d.name.isdigit()) == last
+
+
+def test_torn_checkpoint_is_skipped(straight_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    newest = out / "ckpt" / "40"
+    for f in (newest / "state").rglob("*"):  # tear the newest checkpoint's array data
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[:100])
+    r = jaxft(*train_args(out, *STEPS[1:], "train.steps=45"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "does not restore" in r.stderr and "resuming at step 30" in r.stderr
+
+
+def test_nan_stops_and_reports_step(tmp_path):
+    out = tmp_path / "run"
+    r = jaxft(*train_args(out, "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0",
+                          "train.steps=30", "train.ckpt_every=1", "train.eval_every=0"))
+    assert r.returncode == 1
+    assert "loss is nan at step" in r.stderr or "loss is inf at step" in r.stderr
+    bad = int(r.stderr.split(" at step ")[1].split(";")[0])
+    kept = sorted(int(d.name) for d in (out / "ckpt").iterdir() if d.name.isdigit())
+    assert kept and kept[-1] == bad - 1  # the last good step's checkpoint survives
+
+
+@pytest.mark.parametrize("sets,expect", [
+    (["optim.learning_rate=1"], "valid keys are"),
+    (["train.steps=ten"], "train.steps: expected an int"),
+    (["mesh.data=3", "mesh.fsdp=1"], "but 8 devices are available"),
+    (["data.train_file=viggo/nope.csv"], "nope.csv"),
+])
+def test_config_errors_fail_before_compiling(tmp_path, sets, expect):
+    out = tmp_path / "run"
+    r = jaxft(*train_args(out, *sets))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert expect in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (out / "ckpt").exists()
