@@ -6,8 +6,8 @@ jaxft one (in..., out...), so one rule covers them all: `jaxft = hf.T.reshape(ja
 back `hf = jaxft.reshape(hf_shape[::-1]).T`. HF q/k already use the half-rotation rope layout
 of `jaxft.model`, so nothing is permuted here (GGUF's permuted q/k are undone in `jaxft.gguf`).
 
-Conversion streams tensor by tensor: the only full copy held is the jaxft params being built
-(import) or read back (export), plus one tensor or one output shard at a time.
+Conversion streams tensor by tensor: it holds one copy of the params (being built or read back)
+plus one tensor or one output shard; Orbax's write buffers come on top (bench/convert_memory.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.config import ConfigError, ModelConfig
-from jaxft.model import padded_vocab
 from jaxft.modeldir import atomic_dir, load_params, read_config, save_params, write_config
 
 
@@ -59,21 +58,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-# ---------------------------------------------------------------- shapes and the key table
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The jaxft params dict as ShapeDtypeStructs, straight from the model definition."""
+    from flax import nnx
+    from jaxft.model import Llama
+    return nnx.state(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))), nnx.Param).to_pure_dict()
+
 
 def jaxft_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Shape of every jaxft param (stacked ones include the leading layers axis)."""
-    n, d, h, k, e, f = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.ffn_dim
-    v = padded_vocab(cfg)
-    shapes = {("embed_VxD",): (v, d), ("final_norm", "weight"): (d,),
-              ("blocks", "attn_norm", "weight"): (n, d), ("blocks", "mlp_norm", "weight"): (n, d),
-              ("blocks", "attn", "wq_DxHxE"): (n, d, h, e), ("blocks", "attn", "wk_DxKxE"): (n, d, k, e),
-              ("blocks", "attn", "wv_DxKxE"): (n, d, k, e), ("blocks", "attn", "wo_HxExD"): (n, h, e, d),
-              ("blocks", "mlp", "w_gate_DxF"): (n, d, f), ("blocks", "mlp", "w_up_DxF"): (n, d, f),
-              ("blocks", "mlp", "w_down_FxD"): (n, f, d)}
-    if not cfg.tie_embeddings:
-        shapes[("lm_head_VxD",)] = (v, d)
-    return shapes
+    """Shape of every jaxft param by path (stacked ones lead with the layers axis)."""
+    import jax
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
+    return {tuple(k.key for k in path): x.shape for path, x in flat}
 
 
 def hf_names(cfg: ModelConfig) -> list[tuple[str, Entry, int | None]]:
@@ -89,8 +86,9 @@ def hf_names(cfg: ModelConfig) -> list[tuple[str, Entry, int | None]]:
     return out
 
 
-def hf_shape(entry: Entry, cfg: ModelConfig) -> tuple[int, ...]:
-    js = jaxft_shapes(cfg)[entry.path][1 if "{i}" in entry.hf else 0:]
+def hf_shape(entry: Entry, cfg: ModelConfig, shapes: dict) -> tuple[int, ...]:
+    """The HF shape of a table entry; `shapes` is `jaxft_shapes(cfg)`."""
+    js = shapes[entry.path][1 if "{i}" in entry.hf else 0:]
     if entry.path in (("embed_VxD",), ("lm_head_VxD",)):
         return (cfg.vocab_size, cfg.dim)  # jaxft pads rows up to padded_vocab
     if entry.n_in == 0:
@@ -103,12 +101,9 @@ def to_jaxft(w: np.ndarray, entry: Entry, js: tuple[int, ...]) -> np.ndarray:
 
 
 def to_hf(w: np.ndarray, entry: Entry, hs: tuple[int, ...]) -> np.ndarray:
-    if entry.n_in == 0:
-        return np.ascontiguousarray(w[: hs[0]]) if len(hs) == 2 else np.ascontiguousarray(w)
-    return np.ascontiguousarray(w.reshape(hs[::-1]).T)
+    return np.ascontiguousarray(w[: hs[0]] if entry.n_in == 0 else w.reshape(hs[::-1]).T)
 
 
-# ---------------------------------------------------------------- configs
 
 def _rope_scaling(sc: dict | None, where: str) -> dict | None:
     kind = (sc or {}).get("rope_type", (sc or {}).get("type", "default"))
@@ -130,14 +125,12 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if hf.get(key, want) != want:
             raise ConvertError(f"{where}: {key}={hf[key]!r} is not supported (jaxft needs {want!r})")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size"):
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if key not in hf:
             raise ConvertError(f"{where}: missing field {key!r}")
     rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = _rope_scaling(hf.get("rope_scaling") or rope, where)
-    dtype = hf.get("dtype", hf.get("torch_dtype")) or "float32"
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"],
@@ -145,8 +138,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         head_dim=hf.get("head_dim") or 0, ffn_dim=hf["intermediate_size"],
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        param_dtype=dtype if dtype in DTYPES else "float32")
+        max_seq_len=hf.get("max_position_embeddings", 2048))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -164,15 +156,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "attention_bias": False, "mlp_bias": False, "dtype": cfg.param_dtype}
 
 
-# ---------------------------------------------------------------- reading HF weights
 
 class HFWeights:
     """Names and tensors of an HF checkpoint, read one tensor at a time."""
 
     def __init__(self, src: Path):
         self.where: dict[str, Path] = {}  # tensor name -> file
-        self.torch = False
-        self._open: tuple[Path, object] | None = None
+        self._bin: tuple[Path, dict] | None = None  # the .bin file open now, memory-mapped
         for index, single in (("model.safetensors.index.json", "model.safetensors"),
                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             self.torch = single.endswith(".bin")
@@ -189,31 +179,36 @@ class HFWeights:
             raise ConvertError(f"{src}: no model.safetensors(.index.json) or pytorch_model.bin found")
 
     def _keys(self, path: Path) -> list[str]:
-        return list(self._file(path).keys())
+        if self.torch:
+            return list(self._torch_file(path))
+        from safetensors import safe_open
+        with safe_open(path, framework="numpy") as f:
+            return list(f.keys())
 
-    def _file(self, path: Path):
-        if self._open is None or self._open[0] != path:  # keep only one file open
-            if self.torch:
-                import torch  # only legacy checkpoints need torch
-                self._open = (path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-            else:
-                from safetensors import safe_open
-                self._open = (path, safe_open(path, framework="numpy"))
-        return self._open[1]
+    def _torch_file(self, path: Path) -> dict:
+        if self._bin is None or self._bin[0] != path:
+            import torch  # only legacy checkpoints need torch
+            self._bin = (path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        return self._bin[1]
 
     def get(self, name: str) -> np.ndarray:
-        f = self._file(self.where[name])
+        path = self.where[name]
         if not self.torch:
-            return f.get_tensor(name)
-        t = f[name]
+            from safetensors import safe_open
+            # Opened per tensor: closing unmaps the file, so read pages never pile up in RSS.
+            with safe_open(path, framework="numpy") as f:
+                return f.get_tensor(name)
+        t = self._torch_file(path)[name]
         if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16; reinterpret the bits
             import ml_dtypes
-            return t.contiguous().view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+            import torch
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
 
 def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
     """Converts an HF Llama directory into a jaxft model directory at `out`."""
+    import jax
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such HF model directory")
@@ -227,31 +222,20 @@ def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
     weights = HFWeights(src)
     names = hf_names(cfg)
     expected = {n for n, _, _ in names}
-    missing = [n for n in expected if n not in weights.where]
-    if missing:
-        raise ConvertError(f"{src}: tensor {sorted(missing)[0]} is missing"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    tied_head = cfg.tie_embeddings and "lm_head.weight" in weights.where  # a redundant copy
-    extra = sorted(n for n in weights.where
-                   if n not in expected and not IGNORED.fullmatch(n) and not (tied_head and n == "lm_head.weight"))
-    if extra:
-        raise ConvertError(f"{src}: unexpected tensor {extra[0]}"
-                           + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-    first = weights.get("model.embed_tokens.weight")
-    if first.dtype.name in DTYPES:  # keep the checkpoint's bytes: its dtype becomes the param dtype
-        cfg.param_dtype = first.dtype.name
-    cfg.dtype = "float32"  # compute dtype is a training choice, not the checkpoint's
-    dtype = first.dtype if first.dtype.name in DTYPES else np.dtype(cfg.param_dtype)
-    del first
+    tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a redundant copy if there
+    for bad, what in ((sorted(expected - weights.where.keys()), "is missing"),
+                      (sorted(n for n in weights.where.keys() - expected - tied_head
+                              if not IGNORED.fullmatch(n)), "is unexpected (not a Llama weight)")):
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ConvertError(f"{src}: tensor {bad[0]} {what}{more}")
+    # Keep the checkpoint's bytes: its dtype becomes the param dtype. Compute stays float32.
+    dtype = weights.get("model.embed_tokens.weight").dtype.name
+    cfg.param_dtype, cfg.dtype = (dtype if dtype in DTYPES else "float32"), "float32"
     shapes = jaxft_shapes(cfg)
-    params: dict = {}
-    for path, shape in shapes.items():  # zeros: the padded vocab rows stay zero
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = np.zeros(shape, dtype)
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(cfg))  # pad rows: 0
     for name, entry, layer in names:
-        w, want = weights.get(name), hf_shape(entry, cfg)
+        w, want = weights.get(name), hf_shape(entry, cfg, shapes)
         if w.shape != want:
             raise ConvertError(f"{src}: tensor {name} has shape {list(w.shape)}, expected {list(want)}")
         target = _at(params, entry.path)
@@ -259,19 +243,33 @@ def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
             target = target[layer]
         if entry.path in (("embed_VxD",), ("lm_head_VxD",)):
             target = target[: cfg.vocab_size]
-        target[...] = to_jaxft(w.astype(dtype, copy=False), entry, target.shape)
+        target[...] = to_jaxft(w.astype(target.dtype, copy=False), entry, target.shape)
         del w
+    return write_model_dir(out, cfg, params, force, lambda d: _copy_tokenizer(src, d))
+
+
+def write_model_dir(out, cfg: ModelConfig, params: dict, force: bool, write_tokenizer) -> Path:
+    """Writes config, params (numpy leaves, replaced in place) and `write_tokenizer(dir)`."""
+    _to_device(params)  # Orbax saves jax arrays with one transient host copy less than numpy
     with atomic_dir(out, force) as tmp:
         write_config(tmp, cfg)
         save_params(tmp, params)
-        _copy_tokenizer(src, tmp / "tokenizer")
+        write_tokenizer(tmp / "tokenizer")
     return Path(out)
 
 
+def _to_device(tree: dict) -> None:
+    """Replaces each numpy leaf by a jax array in place, one at a time (one copy at most)."""
+    import jax
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _to_device(v)
+        else:
+            tree[k] = jax.device_put(v)
+
+
 def _at(tree: dict, path: tuple[str, ...]):
-    for p in path:
-        tree = tree[p]
-    return tree
+    return tree if not path else _at(tree[path[0]], path[1:])
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -282,7 +280,6 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-# ---------------------------------------------------------------- writing HF
 
 def parse_size(s: str | int) -> int:
     """'5GB' -> 5e9 bytes, '200MiB' -> 200 * 2**20; a bare number is bytes."""
@@ -299,13 +296,8 @@ def read_params_host(d: Path, cfg: ModelConfig) -> dict:
     """The params of a model dir as host arrays (no mesh, no sharded placement)."""
     import jax
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract: dict = {}
-    for path, shape in jaxft_shapes(cfg).items():
-        node = abstract
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = jax.ShapeDtypeStruct(shape, jax.numpy.dtype(cfg.param_dtype), sharding=cpu)
-    return load_params(d, abstract)
+    return load_params(d, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+                                       abstract_params(cfg)))
 
 
 def to_hf_dir(ckpt: str | Path, out: str | Path, force: bool = False,
@@ -317,11 +309,11 @@ def to_hf_dir(ckpt: str | Path, out: str | Path, force: bool = False,
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such jaxft model directory")
     cfg = read_config(ckpt)
-    params = read_params_host(ckpt, cfg)
+    params, shapes = read_params_host(ckpt, cfg), jaxft_shapes(cfg)
     shards: list[list[tuple[str, Entry, int | None]]] = [[]]
     size = 0
     for item in hf_names(cfg):  # greedy packing in name order, as HF does
-        nbytes = math.prod(hf_shape(item[1], cfg)) * np.dtype(_at(params, item[1].path).dtype).itemsize
+        nbytes = math.prod(hf_shape(item[1], cfg, shapes)) * np.dtype(_at(params, item[1].path).dtype).itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -338,7 +330,7 @@ def to_hf_dir(ckpt: str | Path, out: str | Path, force: bool = False,
             tensors = {}
             for name, entry, layer in shard:
                 w = np.asarray(_at(params, entry.path))
-                tensors[name] = to_hf(w if layer is None else w[layer], entry, hf_shape(entry, cfg))
+                tensors[name] = to_hf(w if layer is None else w[layer], entry, hf_shape(entry, cfg, shapes))
                 weight_map[name] = fname
                 total += tensors[name].nbytes
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
@@ -366,7 +358,6 @@ def _save_tokenizer(tok_dir: Path, dst: Path) -> dict:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
-# ---------------------------------------------------------------- command line
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("convert", help="convert HF Llama weights to and from jaxft",

@@ -185,7 +185,7 @@ BAD = {
     "missing": (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
                 "model.layers.1.mlp.up_proj.weight is missing"),
     "extra": (lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)}),
-              "unexpected tensor model.layers.0.self_attn.q_norm.weight"),
+              "tensor model.layers.0.self_attn.q_norm.weight is unexpected"),
     "shape": (lambda t: t.update({"model.layers.0.mlp.down_proj.weight":
                                   t["model.layers.0.mlp.down_proj.weight"].T.copy()}),
               "model.layers.0.mlp.down_proj.weight has shape [64, 32], expected [32, 64]"),
