@@ -18,7 +18,8 @@ def test_viggo_real(data_root, split):
         rows = list(csv.DictReader(f))
     recs, skipped = read_records("viggo", path)
     assert len(recs) + skipped == len(rows) and skipped == 0
-    assert recs[0] == {"instruction": "", "input": rows[0]["ref"], "output": rows[0]["mr"], "line": 2}
+    assert recs[0] == {"instruction": viggo.INSTRUCTION, "input": rows[0]["ref"], "output": rows[0]["mr"],
+                       "line": 2}
     assert recs[-1]["output"] == rows[-1]["mr"]
 
 

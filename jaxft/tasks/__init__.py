@@ -41,11 +41,17 @@ def get_task(name: str) -> ModuleType:
 
 def read_records(task: str, path: str | os.PathLike,
                  fields: dict | None = None) -> tuple[list[dict], int]:
-    """Reads `path` with the reader of `task`; returns (records, number of skipped examples)."""
+    """Reads `path` with the reader of `task`; returns (records, number of skipped examples).
+    Records without an instruction of their own get the task's INSTRUCTION; templates decide
+    whether to show it (`include_instruction`)."""
     mod = get_task(task)
     if task in ("jsonl", "csv"):
         return mod.read_format(path, task, fields)
-    return mod.read(path, fields)
+    records, skipped = mod.read(path, fields)
+    if getattr(mod, "INSTRUCTION", ""):
+        for r in records:
+            r["instruction"] = r["instruction"] or mod.INSTRUCTION
+    return records, skipped
 
 
 def cut(text: str, stops=STOPS) -> str:
