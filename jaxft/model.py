@@ -10,7 +10,7 @@ heads, K kv heads, G = H // K, E head width, F MLP width, V vocab, N layers.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,17 +90,102 @@ class RMSNorm(nnx.Module):
         return rms_norm(x_BxLxD, self.weight[...], self.eps)
 
 
-def attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS) -> jax.Array:
-    """Softmax attention with GQA; `mask_BxLxS` is True where a query may see a key."""
+_NEG = float(np.finfo(np.float32).min)
+Q_BLOCK = 128  # query rows per block of the causal path; keys past a block's last row are skipped
+
+
+class CausalSegments(NamedTuple):
+    """The training mask, kept implicit: query slot i sees key slot j iff j <= i and both carry
+    the same segment id (0 = padding). Keys are the queries' own slots (no cache)."""
+    segment_ids_BxL: jax.Array
+
+
+def _to_groups(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE):
+    """Heads to the front, [B, K, G, L, E]: XLA's CPU batched matmuls are much faster with the
+    batch dims leading than with them interleaved between the contracted ones."""
     b, l, h, e = q_BxLxHxE.shape
-    k = k_BxSxKxE.shape[2]
-    q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, k, h // k, e)
-    s_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
-                             preferred_element_type=jnp.float32) / math.sqrt(e)
-    s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
-    o_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", p_BxKxGxLxS, v_BxSxKxE)
-    return o_BxLxKxGxE.reshape(b, l, h, e)
+    kh = k_BxSxKxE.shape[2]
+    q_BxKxGxLxE = q_BxLxHxE.reshape(b, l, kh, h // kh, e).transpose(0, 2, 3, 1, 4)
+    return q_BxKxGxLxE, k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
+
+
+def _scores(q_BxKxGxLxE, k_BxKxSxE, ok_BxLxS):
+    s = jnp.einsum("bkgle,bkse->bkgls", q_BxKxGxLxE, k_BxKxSxE,
+                   preferred_element_type=jnp.float32) / math.sqrt(q_BxKxGxLxE.shape[-1])
+    return jnp.where(ok_BxLxS[:, None, None], s, _NEG)
+
+
+def _dense(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
+    p = jax.nn.softmax(_scores(q_BxKxGxLxE, k_BxKxSxE, mask_BxLxS), axis=-1)
+    return jnp.einsum("bkgls,bkse->bkgle", p.astype(v_BxKxSxE.dtype), v_BxKxSxE)
+
+
+def _blocks(l: int):
+    """(first row, end row) of each query block; block i attends to keys [0, end)."""
+    return [(lo, min(lo + Q_BLOCK, l)) for lo in range(0, l, Q_BLOCK)]
+
+
+def _block_mask(seg_BxL, lo: int, hi: int):
+    slot = jnp.arange(hi)
+    return ((seg_BxL[:, lo:hi, None] == seg_BxL[:, None, :hi])
+            & (slot[None, None, :] <= slot[None, lo:hi, None]))
+
+
+@jax.custom_vjp
+def _causal(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, seg_BxL):
+    return _causal_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, seg_BxL)[0]
+
+
+def _causal_fwd(q, k, v, seg_BxL):
+    outs, lses = [], []
+    for lo, hi in _blocks(q.shape[3]):
+        s = _scores(q[:, :, :, lo:hi], k[:, :, :hi], _block_mask(seg_BxL, lo, hi))
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        z = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bkgls,bkse->bkgle", p.astype(v.dtype), v[:, :, :hi],
+                       preferred_element_type=jnp.float32) / z
+        outs.append(o.astype(v.dtype))
+        lses.append(m + jnp.log(z))
+    o_BxKxGxLxE = jnp.concatenate(outs, axis=3)
+    # Saved for the backward pass: inputs, output and the row log-sum-exp, not the L x S probs.
+    return o_BxKxGxLxE, (q, k, v, seg_BxL, o_BxKxGxLxE, jnp.concatenate(lses, axis=3))
+
+
+def _causal_bwd(res, do_BxKxGxLxE):
+    q, k, v, seg_BxL, o, lse = res
+    f32 = jnp.float32
+    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    delta = jnp.sum(do_BxKxGxLxE.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
+    for lo, hi in _blocks(q.shape[3]):
+        q_b, do_b = q[:, :, :, lo:hi], do_BxKxGxLxE[:, :, :, lo:hi]
+        s = _scores(q_b, k[:, :, :hi], _block_mask(seg_BxL, lo, hi))
+        p = jnp.exp(s - lse[:, :, :, lo:hi])  # masked keys: exp(-inf) = 0
+        dv = dv.at[:, :, :hi].add(jnp.einsum("bkgls,bkgle->bkse", p.astype(do_b.dtype), do_b,
+                                             preferred_element_type=f32))
+        dp = jnp.einsum("bkgle,bkse->bkgls", do_b, v[:, :, :hi], preferred_element_type=f32)
+        ds = p * (dp - delta[:, :, :, lo:hi]) / math.sqrt(q.shape[-1])
+        ds = ds.astype(q.dtype)
+        dq.append(jnp.einsum("bkgls,bkse->bkgle", ds, k[:, :, :hi], preferred_element_type=f32))
+        dk = dk.at[:, :, :hi].add(jnp.einsum("bkgls,bkgle->bkse", ds, q_b,
+                                             preferred_element_type=f32))
+    dq = jnp.concatenate(dq, axis=3)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_causal.defvjp(_causal_fwd, _causal_bwd)
+
+
+def attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask) -> jax.Array:
+    """Softmax attention with GQA. `mask` is a bool [B, L, S], True where a query may see a key,
+    or CausalSegments (training: keys are the query slots, blocks past the diagonal skipped)."""
+    b, l, h, e = q_BxLxHxE.shape
+    q, k, v = _to_groups(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE)
+    if isinstance(mask, CausalSegments):
+        o_BxKxGxLxE = _causal(q, k, v, mask.segment_ids_BxL)
+    else:
+        o_BxKxGxLxE = _dense(q, k, v, mask)
+    return o_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
 
 
 class Attention(nnx.Module):
@@ -186,15 +271,14 @@ class Llama(nnx.Module):
             positions_BxL = jnp.broadcast_to(index + jnp.arange(l, dtype=jnp.int32), (b, l))
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones((b, l), jnp.int32)
-        q_slot_L = index + jnp.arange(l)
+        # Packed rows: a query sees keys of its own segment at or before its slot.
         if cache is None:
-            k_seg_BxS, k_slot_S = segment_ids_BxL, q_slot_L
+            mask_BxLxS = CausalSegments(segment_ids_BxL)
         else:
             k_seg_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, index))
-            k_slot_S = jnp.arange(k_seg_BxS.shape[1])
-        # Packed rows: a query sees keys of its own segment at or before its slot.
-        mask_BxLxS = ((segment_ids_BxL[:, :, None] == k_seg_BxS[:, None, :])
-                      & (k_slot_S[None, None, :] <= q_slot_L[None, :, None]))
+            q_slot_L, k_slot_S = index + jnp.arange(l), jnp.arange(k_seg_BxS.shape[1])
+            mask_BxLxS = ((segment_ids_BxL[:, :, None] == k_seg_BxS[:, None, :])
+                          & (k_slot_S[None, None, :] <= q_slot_L[None, :, None]))
         sin, cos = rope_sin_cos(positions_BxL, rope_inv_freq(cfg))
         x_BxLxD = self.embed_VxD[...].astype(dt)[ids_BxL]
 
