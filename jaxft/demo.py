@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     print(f"demo: base model, {args.shots}-shot, on {len(records)} ViGGO validation examples",
           flush=True)
-    before = score(base, out / "eval-before", "alpaca", True, args.shots, records, train_records)
+    before = score(base, out / "eval-before", "chatml", True, args.shots, records, train_records)
 
     from jaxft.config import load_config
     from jaxft.train import run

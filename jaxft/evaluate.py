@@ -18,15 +18,17 @@ SHOT_SEPARATOR = "\n\n"  # ends each few-shot example before the next prompt
 
 
 def few_shot_ids(tok, template, shots: list[dict], ex: dict) -> list[int]:
-    """BOS, then each shot's prompt and response (tokenised apart, as in training), then the
-    query prompt: a base model learns the format from the examples in front of it."""
+    """BOS, then each shot exactly as training shows it (prompt and response tokenised apart,
+    then EOS) and a blank line, then the query prompt: a base model learns the format, and
+    where to stop, from the examples in front of it."""
     from jaxft.templates import prompt_ids
 
     head = prompt_ids(tok, template, ex)
     n_bos = int(tok.bos_id is not None)
     ids = head[:n_bos]
     for s in shots:
-        ids += tok.encode(template.prompt(s)) + tok.encode(template.response(s) + SHOT_SEPARATOR)
+        ids += (tok.encode(template.prompt(s)) + tok.encode(template.response(s)) + [tok.eos_id]
+                + tok.encode(SHOT_SEPARATOR))
     return ids + head[n_bos:]
 
 

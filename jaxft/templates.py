@@ -75,6 +75,15 @@ BUILTIN = {
                                "{output}<END_A>", prompt_no_input="<START_Q>{instruction}<END_Q><START_A>",
                                prompt_no_instruction="<START_Q>{input}<END_Q><START_A>",
                                special_tokens=SEED_MARKERS),
+    # ChatML (SmolLM2, Qwen): role-tagged turns; the tokenizer's EOS must be <|im_end|>, which
+    # then closes the assistant turn. An instruct model already knows this layout and its stop.
+    "chatml": Template("chatml", "<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n"
+                       "{input}<|im_end|>\n<|im_start|>assistant\n", "{output}",
+                       prompt_no_input="<|im_start|>user\n{instruction}<|im_end|>\n"
+                       "<|im_start|>assistant\n",
+                       prompt_no_instruction="<|im_start|>user\n{input}<|im_end|>\n"
+                       "<|im_start|>assistant\n",
+                       special_tokens=("<|im_start|>", "<|im_end|>")),
     # Meta's Llama-2 chat layout, instruction as the system prompt. The prompt stops at
     # "[/INST]": SentencePiece's dummy prefix gives the answer its leading "▁", the tokens of
     # Meta's "[/INST] {answer}"; a trailing space here would become a lone "▁" token.

@@ -115,7 +115,8 @@ def test_few_shot_prompt(setup):
     query = {"instruction": "Name a game.", "input": "", "output": ""}
     ids = few_shot_ids(tok, template, shots, query)
     head = prompt_ids(tok, template, query)
-    first = tok.encode(template.prompt(shots[0])) + tok.encode("Apple.\n\n")
+    first = (tok.encode(template.prompt(shots[0])) + tok.encode("Apple.") + [tok.eos_id]
+             + tok.encode("\n\n"))
     assert ids[0] == tok.bos_id and ids[1:1 + len(first)] == first
     assert ids[-(len(head) - 1):] == head[1:]
     text = tok.decode(ids[1:], skip_special=True)

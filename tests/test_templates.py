@@ -64,6 +64,10 @@ def test_alpaca_is_ch07_text(data_root):
      "[/INST]", "Tetris is good."),
     ("llama2-chat", False, EX, "[INST] name[Tetris], rating[good] [/INST]", "Tetris is good."),
     ("llama2-chat", True, NO_INPUT, "[INST] Name a game. [/INST]", "Tetris."),
+    ("chatml", True, EX, "<|im_start|>system\nDescribe the game.<|im_end|>\n<|im_start|>user\n"
+     "name[Tetris], rating[good]<|im_end|>\n<|im_start|>assistant\n", "Tetris is good."),
+    ("chatml", False, EX, "<|im_start|>user\nname[Tetris], rating[good]<|im_end|>\n"
+     "<|im_start|>assistant\n", "Tetris is good."),
 ])
 def test_builtin_texts(name, include, ex, prompt, response):
     t = get_template(name, include_instruction=include)
@@ -188,7 +192,7 @@ def test_missing_record_field_is_named():
 
 
 def test_unknown_template_names_the_choices(tmp_path):
-    with pytest.raises(TemplateError, match="unknown template 'chatml'.*alpaca, phi3"):
-        get_template("chatml")
+    with pytest.raises(TemplateError, match="unknown template 'vicuna'.*alpaca, phi3"):
+        get_template("vicuna")
     with pytest.raises(TemplateError, match="does not exist"):
         get_template(str(tmp_path / "none.yaml"))
