@@ -71,8 +71,9 @@ def state_floor_gib(model: str, n: int) -> float:
     return param_count(presets.get(model)) * STATE_BYTES_PER_PARAM / n / GiB
 
 
-def search(model: str, remat: str, seq: int, cached: dict, log, deadline: float) -> list[dict]:
-    """Runs meshes in order until one fits v5e; returns every result, in order run."""
+def search(model: str, remat: str, seq: int, cached: dict, log, deadline: float):
+    """Runs meshes in order until one fits v5e; returns every result, in order run, and
+    whether the walk finished (False: the time budget ran out first)."""
     out = []
     for n in DEVICE_COUNTS:
         if state_floor_gib(model, n) > CAPS["v5p"]:
@@ -89,19 +90,20 @@ def search(model: str, remat: str, seq: int, cached: dict, log, deadline: float)
             key = (model, remat, seq, fsdp, tensor)
             if key not in cached:
                 if time.time() > deadline:
-                    return out
+                    return out, False
                 cached[key] = run_plan(model, fsdp, tensor, seq, remat)
                 log(cached[key])
             r = cached[key]
             out.append(r)
             if r.get("peak_gib", float("inf")) <= CAPS["v5e"]:
-                return out
-    return out
+                return out, True
+    return out, True
 
 
 def first_fit(results: list[dict], cap: float):
     fits = [r for r in results if r.get("peak_gib", float("inf")) <= cap]
-    return min(fits, key=lambda r: (r["devices"], r["peak_gib"])) if fits else None
+    # Fewest chips; among those, the least tensor parallelism (its all-reduces cost the most).
+    return min(fits, key=lambda r: (r["devices"], r["tensor"])) if fits else None
 
 
 def mesh_text(r: dict) -> str:
@@ -111,13 +113,13 @@ def mesh_text(r: dict) -> str:
 def summary_table(by_cfg: dict) -> str:
     rows = ["| model | remat | v5e (16 GiB): smallest mesh | peak GiB | v5p (95 GiB): smallest mesh "
             "| peak GiB |", "|---|---|---|---|---|---|"]
-    for (model, remat), results in by_cfg.items():
+    for (model, remat), (results, done) in by_cfg.items():
         cells = []
         for cap in CAPS.values():
             r = first_fit(results, cap)
-            tried = max((x["devices"] for x in results), default=0)
+            miss = f"none up to {DEVICE_COUNTS[-1]} chips" if done else "not reached (time budget)"
             cells += ([f"{mesh_text(r)} ({r['devices']} chips)", f"{r['peak_gib']:.1f}"] if r else
-                      [f"none up to {tried} chips" if tried else "not run", "—"])
+                      [miss, "—"])
         rows.append(f"| {model} | {remat} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -125,7 +127,7 @@ def summary_table(by_cfg: dict) -> str:
 def detail_table(by_cfg: dict) -> str:
     rows = ["| model | remat | mesh | chips | batch | params | opt | temp | peak | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for results in by_cfg.values():
+    for results, _ in by_cfg.values():
         for r in results:
             vals = ([f"{r[k + '_gib']:.2f}" for k in ("params", "opt", "temp", "peak")]
                     if "peak_gib" in r else ["error: " + r.get("error", "?"), "", "", ""])
