@@ -26,6 +26,10 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 # ---------------------------------------------------------------- sampling
 
 def sample_logits(key, logits_BxV: jax.Array, temperature: float = 0.0, top_k: int = 0,
@@ -63,10 +67,11 @@ def _model_mesh(model):
 
 
 def _batch_rows(n: int, mesh) -> int:
-    """Rows actually run: a power of two, and a multiple of the mesh's data-parallel size."""
+    """Rows actually run: a power of two up to 8, then a multiple of 8, and a multiple of the
+    mesh's data-parallel size."""
     dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))
-    b = bucket(n, 1)
-    return -(-b // dp) * dp
+    b = bucket(n, 1) if n <= 8 else round_up(n, 8)
+    return round_up(b, dp)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int):
@@ -132,7 +137,9 @@ def _decode(graphdef, state, ids_BxP, pos_BxP, seg_BxP, done_B, stop_T, key, max
         kv = NamedSharding(mesh, sharding.spec(axes, cache["k"].shape, mesh))
         cache["k"] = jax.lax.with_sharding_constraint(cache["k"], kv)
         cache["v"] = jax.lax.with_sharding_constraint(cache["v"], kv)
-    logits_BxPxV, cache = model(ids_BxP, pos_BxP, seg_BxP, cache)
+    # Prefill: only the last position's logits are needed, never the full [B, P, V].
+    h_BxPxD, cache = model.hidden(ids_BxP, pos_BxP, seg_BxP, cache)
+    last_logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
     next_pos_B = pos_BxP[:, -1] + 1
 
     def cond(carry):
@@ -150,7 +157,7 @@ def _decode(graphdef, state, ids_BxP, pos_BxP, seg_BxP, done_B, stop_T, key, max
         return step + 1, logits_Bx1xV[:, 0], out_BxT, done_B, cache, pos_B + 1
 
     out_BxT = jnp.full((b, out_len), -1, jnp.int32)
-    carry = (jnp.int32(0), logits_BxPxV[:, -1], out_BxT, done_B, cache, next_pos_B)
+    carry = (jnp.int32(0), last_logits_BxV, out_BxT, done_B, cache, next_pos_B)
     return jax.lax.while_loop(cond, body, carry)[2]
 
 
@@ -163,8 +170,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
     stop = sorted(set(eos_ids) | set(stop_ids or ()))
     mesh = _model_mesh(model)
     rows = _batch_rows(len(prompts), mesh)
-    p, t = bucket(max(len(x) for x in prompts)), bucket(max_new_tokens)
-    s = bucket(p + t, 64) if cache_len is None else cache_len
+    # Prompts pad to a multiple of 64 (a power of two would nearly double a long few-shot
+    # prefill); output and cache lengths to powers of two. Compiles stay few either way.
+    p, t = round_up(max(len(x) for x in prompts), 64), bucket(max_new_tokens)
+    s = round_up(p + t, 64) if cache_len is None else cache_len
     if s < p + max_new_tokens:
         raise ValueError(f"generate: cache_len={s} is shorter than prompt bucket {p} + "
                          f"max_new_tokens {max_new_tokens}")
