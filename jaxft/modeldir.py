@@ -37,18 +37,34 @@ def check_output(out: str | os.PathLike, force: bool) -> Path:
 
 @contextmanager
 def atomic_dir(out: str | os.PathLike, force: bool = False):
-    """Yields a temp dir beside `out`; on success it replaces `out`, on error it is removed."""
+    """Yields a temp dir beside `out`; on success it replaces `out`, on error it is removed.
+    In a multi-process run every process gets the same temp dir (Orbax writes each process's
+    shards into it) and only process 0 creates, renames or removes it."""
+    from jaxft.distributed import barrier
+
     out = check_output(out, force)
+    primary = jax.process_index() == 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if jax.process_count() == 1:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    else:
+        tmp = out.parent / f".{out.name}.partial-{jax.process_count()}proc"
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier(f"atomic_dir {tmp}")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    barrier(f"atomic_dir {tmp} written")
+    if primary:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    barrier(f"atomic_dir {out} in place")
 
 
 def write_config(d: Path, cfg: ModelConfig) -> None:
@@ -76,10 +92,11 @@ def load_params(d: str | os.PathLike, abstract: dict) -> dict:
 
 def save_model(out: str | os.PathLike, model, tokenizer=None, force: bool = False) -> Path:
     with atomic_dir(out, force) as tmp:
-        write_config(tmp, model.cfg)
-        save_params(tmp, nnx.state(model, nnx.Param).to_pure_dict())
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer")
+        save_params(tmp, nnx.state(model, nnx.Param).to_pure_dict())  # every process: its shards
+        if jax.process_index() == 0:
+            write_config(tmp, model.cfg)
+            if tokenizer is not None:
+                tokenizer.save(tmp / "tokenizer")
     return Path(out)
 
 

@@ -20,7 +20,7 @@ import optax
 import yaml
 from flax import nnx
 
-from jaxft import checkpoint, config as config_lib, data, modeldir, sharding, state
+from jaxft import checkpoint, config as config_lib, data, distributed, modeldir, sharding, state
 from jaxft.config import Config, ConfigError
 from jaxft.loss import batch_loss_sum
 from jaxft.model import param_count
@@ -159,6 +159,7 @@ def run(cfg: Config, run_dir: str | Path) -> int:
         tok = data.build_tokenizer(cfg, train_records)
         if jax.process_index() == 0:
             tok.save(tok_dir)
+    distributed.barrier("tokenizer saved")  # the others may read tok_dir on a resume
     mcfg = state.model_config(cfg, len(tok))
     cfg.model = mcfg
     check_resume_config(run_dir, cfg)
@@ -178,7 +179,8 @@ def run(cfg: Config, run_dir: str | Path) -> int:
         params, opt_state, rng = st["params"], st["opt"], st["rng"]
         loader.set_state(data_state)
     else:
-        step, rng = 0, jax.random.key_data(jax.random.PRNGKey(cfg.train.seed))
+        step = 0
+        rng = distributed.replicate(jax.random.key_data(jax.random.PRNGKey(cfg.train.seed)), rep)
         params = (state.pretrained_params(cfg.train.init, mcfg, mesh, layout.params_sh)
                   if cfg.train.init else state.init_params(layout, cfg.train.seed))
         opt_state = state.init_opt(layout, params)
@@ -201,7 +203,8 @@ def run(cfg: Config, run_dir: str | Path) -> int:
     def save(wait=False):
         if step in ckpts.steps():  # already saved at this step (e.g. ckpt_every hit the end)
             return ckpts.wait() if wait else None
-        ckpts.save(step, {"params": params, "opt": opt_state, "step": jnp.int32(step), "rng": rng},
+        ckpts.save(step, {"params": params, "opt": opt_state, "rng": rng,
+                          "step": distributed.replicate(np.int32(step), rep)},
                    loader.get_state(), wait=wait)
 
     last_eval = -1
@@ -293,33 +296,18 @@ def _task_evaluator(cfg: Config, tok):
                          cfg.eval.max_new_tokens, cfg.eval.batch_size)
 
 
-def maybe_init_distributed(args) -> None:
-    """Multi-host: flags or JAXFT_COORDINATOR/..., else auto-detection on a TPU pod slice."""
-    coord = args.coordinator or os.environ.get("JAXFT_COORDINATOR")
-    if coord:
-        jax.distributed.initialize(
-            coordinator_address=coord,
-            num_processes=int(args.num_processes or os.environ["JAXFT_NUM_PROCESSES"]),
-            process_id=int(args.process_id if args.process_id is not None
-                           else os.environ["JAXFT_PROCESS_ID"]))
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-        jax.distributed.initialize()
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune (or train) a model from a YAML config")
     p.add_argument("config", help="YAML config, e.g. configs/tiny-viggo.yaml")
     p.add_argument("--out", help="run directory (default runs/<config name>); re-running resumes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-process runs")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    distributed.add_arguments(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    maybe_init_distributed(args)
+    distributed.maybe_initialize(args)
     cfg = config_lib.load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).stem)
     return run(cfg, out)
