@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft import sharding
 from jaxft.config import ModelConfig
 
 Cache = dict[str, Any]  # k_NxBxSxKxE, v_NxBxSxKxE, segment_ids_BxS, index (int32 scalar)
@@ -280,14 +281,15 @@ class Llama(nnx.Module):
             mask_BxLxS = ((segment_ids_BxL[:, :, None] == k_seg_BxS[:, None, :])
                           & (k_slot_S[None, None, :] <= q_slot_L[None, :, None]))
         sin, cos = rope_sin_cos(positions_BxL, rope_inv_freq(cfg))
-        x_BxLxD = self.embed_VxD[...].astype(dt)[ids_BxL]
+        act = ("batch", "length", "act_embed")
+        x_BxLxD = sharding.constrain(self.embed_VxD[...].astype(dt)[ids_BxL], act)
 
         graphdef, block_state = nnx.split(self.blocks)
 
         def layer(x, xs):
             state, kv = xs
             x, kv = nnx.merge(graphdef, state)(x, sin, cos, mask_BxLxS, kv, index)
-            return x, kv
+            return sharding.constrain(x, act), kv
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -305,7 +307,9 @@ class Llama(nnx.Module):
     def logits(self, h_BxLxD) -> jax.Array:
         """Logits over the real vocab, `[B, L, V]`, in float32. Padding rows are never scored."""
         w_VxD = self.head_VxD()[: self.cfg.vocab_size]
-        return jnp.einsum("bld,vd->blv", h_BxLxD, w_VxD, preferred_element_type=jnp.float32)
+        h_BxLxD = sharding.constrain(h_BxLxD, ("batch", "length", "act_embed"))
+        logits = jnp.einsum("bld,vd->blv", h_BxLxD, w_VxD, preferred_element_type=jnp.float32)
+        return sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, ids_BxL, positions_BxL=None, segment_ids_BxL=None, cache: Cache | None = None):
         h, new_cache = self.hidden(ids_BxL, positions_BxL, segment_ids_BxL, cache)

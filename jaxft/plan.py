@@ -50,7 +50,11 @@ def plan(preset: str, mesh_cfg, batch: int, seq: int, remat: str = "none",
 
     cfg = dataclasses.replace(presets.get(preset), remat=remat, dtype=dtype,
                               max_seq_len=max(seq, presets.get(preset).max_seq_len))
-    mesh = sharding.make_mesh(mesh_cfg)
+    n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
+    if n > jax.device_count():
+        from jaxft.config import ConfigError
+        raise ConfigError(f"mesh needs {n} devices, but {jax.device_count()} are available")
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n])
     layout = state.make_layout(cfg, mesh, make_optimizer(OptimConfig(), 1000))
     bsh = sharding.batch_sharding(mesh)
     abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bsh)

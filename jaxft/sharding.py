@@ -6,7 +6,9 @@ mesh axes. A logical dim whose size a mesh axis does not divide is replicated al
 """
 from __future__ import annotations
 
+import contextvars
 import math
+from contextlib import contextmanager
 from functools import partial
 
 import jax
@@ -30,6 +32,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,
+    "act_embed": None,  # the model width of activations: whole on each device
 }
 
 
@@ -73,6 +76,30 @@ def spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
         else:
             out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return P(*out)
+
+
+# The mesh activations are pinned to while a step is traced (see `activation_mesh`).
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "jaxft_activation_mesh", default=None)
+
+
+@contextmanager
+def activation_mesh(mesh: Mesh):
+    """While tracing under this, `constrain` pins activations to their logical sharding.
+    Without it, XLA may keep full-batch activations on every device: the logits matmul
+    contracts over the fsdp-sharded width and would otherwise gather [B, L, V] everywhere."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(axes, x.shape, mesh)))
 
 
 def _is_var(x) -> bool:

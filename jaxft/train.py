@@ -37,9 +37,14 @@ PEAK_FLOPS = {"cpu": 175e9,  # measured fp32 matmul peak of the 2-core dev machi
               "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def train_step(graphdef, tx, grad_accum: int, params, opt_state, batch):
+def train_step(graphdef, tx, grad_accum: int, mesh, params, opt_state, batch):
     """One optimizer step. The loss is the masked mean over every target token of the global
     batch (all microbatches together), not a mean of per-example means."""
+    with sharding.activation_mesh(mesh):
+        return _train_step(graphdef, tx, grad_accum, params, opt_state, batch)
+
+
+def _train_step(graphdef, tx, grad_accum: int, params, opt_state, batch):
     grad_fn = jax.value_and_grad(
         lambda p, mb: batch_loss_sum(nnx.merge(graphdef, p), mb), has_aux=True)
     if grad_accum == 1:
@@ -65,15 +70,19 @@ def train_step(graphdef, tx, grad_accum: int, params, opt_state, batch):
 
 def compile_train_step(layout: state.Layout, grad_accum: int):
     batch_sh = sharding.batch_sharding(layout.mesh)
-    step = lambda p, o, b: train_step(layout.graphdef, layout.tx, grad_accum, p, o, b)  # noqa: E731
+    step = lambda p, o, b: train_step(layout.graphdef, layout.tx, grad_accum, layout.mesh,  # noqa: E731
+                                      p, o, b)
     return jax.jit(step, in_shardings=(layout.params_sh, layout.opt_sh, batch_sh),
                    out_shardings=(layout.params_sh, layout.opt_sh, None), donate_argnums=(0, 1))
 
 
 def compile_eval_step(layout: state.Layout):
     batch_sh = sharding.batch_sharding(layout.mesh)
-    return jax.jit(lambda p, b: batch_loss_sum(nnx.merge(layout.graphdef, p), b),
-                   in_shardings=(layout.params_sh, batch_sh))
+    def eval_step(p, b):
+        with sharding.activation_mesh(layout.mesh):
+            return batch_loss_sum(nnx.merge(layout.graphdef, p), b)
+
+    return jax.jit(eval_step, in_shardings=(layout.params_sh, batch_sh))
 
 
 def to_global(batch: dict, mesh) -> dict:
