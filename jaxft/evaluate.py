@@ -154,7 +154,7 @@ def add_parser(subparsers) -> None:
                    "/v1/chat/completions endpoint scoring responses 0-100 (off when empty)")
     p.add_argument("--judge-model", default="llama3")
     p.add_argument("--judge-timeout", type=float, default=60.0)
-    p.set_defaults(func=_main)
+    p.set_defaults(func=_eval)  # jaxft.__main__ turns data/config errors into exit 2
 
 
 def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0):
@@ -171,18 +171,6 @@ def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0):
     records = jdata.load_split(cfg, "valid")[0]
     shot_records = jdata.load_split(cfg, "train")[0][:shots] if shots else None
     return records, shot_records
-
-
-def _main(args) -> int:
-    from jaxft.judge import JudgeError
-    from jaxft.tasks import DataError
-    from jaxft.templates import TemplateError
-
-    try:
-        return _eval(args)
-    except (DataError, TemplateError, JudgeError) as e:
-        print(f"jaxft eval: error: {e}", file=sys.stderr)
-        return 2
 
 
 def _eval(args) -> int:

@@ -205,6 +205,8 @@ def run(cfg: Config, run_dir: str | Path) -> int:
 
     step_fn = compile_train_step(layout, cfg.optim.grad_accum)
     eval_fn = compile_eval_step(layout) if cfg.train.eval_every else None
+    # Encoded once; each iteration of an eval loader is a fresh in-order pass.
+    vloader = data.make_loader(cfg, tok, valid_records, train=False) if eval_fn else None
     task_eval = _task_evaluator(cfg, tok)
     signal.signal(signal.SIGTERM, _Stop())
     fpt, peak = flops_per_token(mcfg, cfg.data.max_length), peak_flops() * jax.device_count()
@@ -223,7 +225,6 @@ def run(cfg: Config, run_dir: str | Path) -> int:
         last_eval = step
         rec = {"kind": "eval", "step": step, "tokens_seen": tokens_seen}
         if eval_fn is not None:
-            vloader = data.make_loader(cfg, tok, valid_records, train=False)
             rec["val_loss"] = eval_loss(eval_fn, params, vloader, mesh, cfg.train.eval_batches)
         if task_eval is not None and cfg.eval.every and step % cfg.eval.every == 0:
             rec.update(task_eval.run(nnx.merge(layout.graphdef, params)))
