@@ -387,13 +387,8 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`jaxft convert ...` on its own, without loading the other subcommands."""
+    """`jaxft convert ...` (tools/convert_hf.py): the CLI's one error handler applies."""
     import sys
-    parser = argparse.ArgumentParser(prog="jaxft")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
-        print(f"jaxft convert: error: {e}", file=sys.stderr)
-        return 2
+
+    from jaxft.__main__ import main as cli
+    return cli(["convert", *(sys.argv[1:] if argv is None else argv)])

@@ -8,7 +8,6 @@ the same prompt alone would.
 """
 from __future__ import annotations
 
-import sys
 from functools import partial
 from typing import Iterable, Sequence
 
@@ -281,8 +280,7 @@ def _main(args) -> int:
     loaded = jaxft.load(args.ckpt)
     tok = loaded.tokenizer
     if tok is None:
-        print(f"jaxft generate: {args.ckpt} has no tokenizer/ directory", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{args.ckpt}/tokenizer: the model directory has no tokenizer")
     if args.template:
         from jaxft.templates import get_template, prompt_ids
         ex = {"instruction": args.prompt, "input": args.input, "output": ""}

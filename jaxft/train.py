@@ -196,7 +196,7 @@ def run(cfg: Config, run_dir: str | Path) -> int:
 
     report = Report(run_dir, cfg.train.steps, step, cfg.train.progress, cfg.train.tensorboard)
     report.truncate_after(step)
-    history = [r for r in read_metrics(report.path)] if report.path.exists() else []
+    history = read_metrics(report.path) if report.path.exists() else []
     vals = [r["val_loss"] for r in history if r.get("kind") == "eval" and "val_loss" in r]
     best, since_best = (min(vals), len(vals) - 1 - int(np.argmin(vals))) if vals else (math.inf, 0)
     tokens_seen = max([r.get("tokens_seen", 0) for r in history] or [0])
