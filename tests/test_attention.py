@@ -1,6 +1,6 @@
 """The fast training paths against plain reference code: block-causal attention with its own
-VJP (several query blocks, a ragged last one, packed segments, padding, GQA) and the
-cross-entropy whose backward skips the scatter."""
+VJP (several query blocks, a ragged last one, packed segments, padding, GQA), the
+cross-entropy whose backward skips the scatter, the chunked head+loss and `linear`'s VJP."""
 import math
 
 import jax
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxft import model
+from jaxft import loss, model
 from jaxft.loss import token_nll, xent_sum
 
 B, H, K, E = 2, 4, 2, 8
@@ -85,3 +85,41 @@ def test_cross_entropy_gradient_matches_log_softmax():
     assert not np.asarray(g)[np.asarray(mask) == 0].any()  # masked tokens: no gradient
     g16 = jax.grad(lambda x: token_nll(x, tgt).sum())(logits.astype(jnp.bfloat16))
     assert g16.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_head_loss_matches_explicit_logits(dtype, monkeypatch):
+    """The chunked head+loss gives the loss and the h / w gradients of the plain logits path,
+    across several chunks and with masked-out tokens."""
+    monkeypatch.setattr(loss, "TOKENS_PER_CHUNK", 8)  # 3 rows -> chunks of 2 tokens: 5 chunks
+    r = np.random.default_rng(2)
+    h = jnp.asarray(r.standard_normal((3, 9, 16)), dtype)
+    w = jnp.asarray(r.standard_normal((40, 16)) / 4, dtype)
+    tgt = jnp.asarray(r.integers(0, 40, (3, 9)), jnp.int32)
+    mask = jnp.asarray(r.integers(0, 2, (3, 9)), jnp.int32)
+    assert len(loss._chunks(3, 9)) == 5
+
+    def ref(h, w):
+        logits = jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
+        return xent_sum(logits, tgt, mask)[0]
+
+    want, (dh, dw) = jax.value_and_grad(ref, argnums=(0, 1))(h, w)
+    got, (gh, gw) = jax.value_and_grad(loss.head_loss_sum, argnums=(0, 1))(h, w, tgt, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(loss.head_loss_sum(h, w, tgt, mask), want, rtol=1e-6)  # no-grad path
+    assert gh.dtype == dtype and gw.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(gh, np.float32), np.asarray(dh, np.float32), atol=tol)
+    np.testing.assert_allclose(np.asarray(gw, np.float32), np.asarray(dw, np.float32), atol=tol)
+    assert not np.asarray(gh)[np.asarray(mask) == 0].any()  # masked tokens: no gradient
+
+
+def test_linear_gradients_match_autodiff():
+    r = np.random.default_rng(3)
+    x = jnp.asarray(r.standard_normal((2, 5, 6)), jnp.float32)
+    w = jnp.asarray(r.standard_normal((6, 7)), jnp.float32)
+    ct = jnp.asarray(r.standard_normal((2, 5, 7)), jnp.float32)
+    want = jax.grad(lambda x, w: jnp.sum((x @ w) * ct), argnums=(0, 1))(x, w)
+    got = jax.jit(jax.grad(lambda x, w: jnp.sum(model.linear(x, w) * ct), argnums=(0, 1)))(x, w)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxft import convert, modeldir, sharding
 from jaxft.config import MeshConfig
+from jaxft.loss import batch_loss_sum
 
 HF_KW = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -191,3 +192,42 @@ def test_remat_policies_give_identical_gradients(base):
             assert np.abs(np.asarray(g)).max() > 0, path
             np.testing.assert_allclose(np.asarray(h), np.asarray(g), atol=1e-6, rtol=1e-5,
                                        err_msg=f"{policy} {jax.tree_util.keystr(path)}")
+
+
+def test_training_gradients_match_transformers(tmp_path):
+    """The training loss (fused head, block attention, `linear`'s VJP) and every parameter's
+    gradient against torch autograd on HF's model. Tied embeddings: the head's gradient and
+    the embedding lookup's gradient land on one tensor."""
+    m = hf_model(tie_word_embeddings=True)
+    model = to_jaxft(m, tmp_path)
+    ids = torch.tensor(IDS)
+    tgt = ids[:, 1:].clone()
+    tgt[0, :10] = -100  # a masked prompt
+    out = m(ids[:, :-1]).logits
+    want = torch.nn.functional.cross_entropy(out.flatten(0, 1), tgt.flatten(), reduction="sum")
+    want.backward()
+    # The gradients, saved as an HF checkpoint and converted, land in jaxft's layout.
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.grad)
+    m.save_pretrained(tmp_path / "grad_hf")
+    convert.from_hf(tmp_path / "grad_hf", tmp_path / "grad_jx")
+    ref = nnx.state(modeldir.load_model(tmp_path / "grad_jx"), nnx.Param)
+
+    b, l = tgt.shape
+    batch = {"inputs": jnp.asarray(IDS[:, :-1]), "targets": jnp.asarray(np.maximum(tgt.numpy(), 0)),
+             "loss_mask": jnp.asarray((tgt.numpy() >= 0).astype(np.int32)),
+             "positions": jnp.broadcast_to(jnp.arange(l), (b, l)), "segment_ids": jnp.ones((b, l), jnp.int32)}
+    gdef, params = nnx.split(model, nnx.Param)
+    (got, n), grads = jax.jit(jax.value_and_grad(
+        lambda p: batch_loss_sum(nnx.merge(gdef, p), batch), has_aux=True))(params)
+    np.testing.assert_allclose(float(got), want.item(), rtol=1e-5)
+    assert n == (tgt >= 0).sum().item()
+    v = model.cfg.vocab_size
+    for (path, g), (_, r) in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                 jax.tree_util.tree_leaves_with_path(ref)):
+        g, r = np.asarray(g), np.asarray(r)
+        if "embed" in jax.tree_util.keystr(path):
+            g, r = g[:v], r[:v]  # padding rows: no gradient on either side
+        assert np.abs(r).max() > 0, path
+        np.testing.assert_allclose(g, r, atol=2e-5 * np.abs(r).max(), err_msg=jax.tree_util.keystr(path))
