@@ -23,8 +23,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# Huge pages for large malloc blocks: XLA's per-step temp buffer then costs a few thousand page
+# faults instead of ~700k (about 10 % of a SmolLM2 step on 2 cores; bench/RESULTS.md).
 demo: install
-	$(BIN)/python -m jaxft.demo $(DEMO_ARGS)
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m jaxft.demo $(DEMO_ARGS)
 
 test: install-test
 	$(BIN)/python -m pytest tests

@@ -9,6 +9,12 @@ Both frameworks start from the same weights (a seeded HF model converted with
 AdamW step per batch. Timing is interleaved, jaxft then torch, `--reps` times; each rep times
 `--steps` steps after warm-up, and the table shows the median per-step time. Run it without
 XLA_FLAGS: one device (simulated devices on two cores cost ~20%).
+
+Both frameworks page-fault on fresh allocations every step (jaxft's XLA temp buffer is one
+~2.8 GB mmap for the SmolLM2 shape, refaulted 4 KiB at a time), and how much torch's glibc heap
+happens to reuse depends on what ran before in the process. For steady figures run with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for malloc's large blocks):
+both sides get faster and the ratio stops drifting; the header line records the setting.
 """
 from __future__ import annotations
 
@@ -170,7 +176,7 @@ def pieces(name: str, n: int) -> list[tuple[str, float, float]]:
     import jax.numpy as jnp
     import torch
     from flax import nnx
-    from jaxft.loss import batch_loss_sum, xent_sum
+    from jaxft.loss import batch_loss_sum, head_loss_sum
     from jaxft.model import CausalSegments, attention
 
     cfg, b, l = CONFIGS[name]
@@ -220,8 +226,7 @@ def pieces(name: str, n: int) -> list[tuple[str, float, float]]:
     w_VxD = jx.params.get("lm_head_VxD", jx.params["embed_VxD"])
     h_ = jnp.asarray(r.standard_normal((b, l, cfg.dim)), jnp.float32)
     tgt_j, mask_j = batch["targets"], batch["loss_mask"]
-    gh = jax.jit(jax.grad(lambda h, w: xent_sum(jnp.einsum("bld,vd->blv", h, w), tgt_j, mask_j)[0],
-                          argnums=(0, 1)))
+    gh = jax.jit(jax.grad(lambda h, w: head_loss_sum(h, w, tgt_j, mask_j), argnums=(0, 1)))
     th_ = torch.randn(b, l, cfg.dim, requires_grad=True)
     tw = torch.randn(cfg.vocab_size, cfg.dim, requires_grad=True)
 
@@ -254,7 +259,8 @@ def main() -> None:
     print(f"machine: {cpu}, {os.cpu_count()} cores; jax {jax.__version__} on "
           f"{jax.device_count()} {jax.devices()[0].platform} device; torch {torch.__version__} "
           f"with {args.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}; "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+          f"load {os.getloadavg()[0]:.2f}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
+          flush=True)
     if args.pieces:
         for name in args.configs.split(","):
             print(f"\n{name}: fastest of {args.reps} calls per piece")

@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxft.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--minutes", type=float, default=10.0, help="fine-tuning time budget")
+    p.add_argument("--steps", type=int, default=90,
+                   help="length of the learning-rate schedule (about 10 minutes on 2 cores)")
     p.add_argument("--n", type=int, default=50, help="validation examples scored")
     p.add_argument("--shots", type=int, default=3, help="examples shown to the base model")
     args = p.parse_args(argv)
@@ -94,7 +96,9 @@ def main(argv=None) -> int:
     from jaxft.config import load_config
     from jaxft.train import run
     run_dir = out / "train"
-    cfg = load_config(CONFIG, [f"train.init={base}", f"train.time_limit_s={args.minutes * 60}"])
+    cfg = load_config(CONFIG, [f"train.init={base}", f"train.steps={args.steps}",
+                               f"train.eval_every={max(1, args.steps // 3)}",
+                               f"train.time_limit_s={args.minutes * 60}"])
     print(f"demo: fine-tuning all {cfg.model.n_layers}-layer SmolLM2 parameters for up to "
           f"{args.minutes:g} min -> {run_dir}", flush=True)
     t = time.perf_counter()

@@ -67,7 +67,7 @@ def plan(preset: str, mesh_cfg, batch: int, seq: int, remat: str = "none",
     peak = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
                - ma.alias_size_in_bytes + temp_b)
     return {"preset": preset, "mesh": dict(mesh.shape), "devices": mesh.size, "batch": batch,
-            "seq": seq, "remat": remat, "dtype": dtype, "params_bytes": params_b,
+            "seq": seq, "remat": remat, "dtype": dtype, "grad_accum": grad_accum, "params_bytes": params_b,
             "opt_bytes": opt_b, "temp_bytes": temp_b, "peak_bytes": peak}
 
 
@@ -89,6 +89,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="microbatches per step (each of batch/K rows); must divide --batch")
     p.set_defaults(func=main)
 
 
@@ -97,9 +99,13 @@ def main(args: argparse.Namespace) -> int:
     n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
     if sys.argv[1:2] == ["plan"]:
         _ensure_devices(n)
-    r = plan(args.model, mesh_cfg, args.batch, args.seq, args.remat, args.dtype)
+    if args.grad_accum < 1 or args.batch % args.grad_accum:
+        from jaxft.config import ConfigError
+        raise ConfigError(f"--grad-accum {args.grad_accum} must be >= 1 and divide --batch {args.batch}")
+    r = plan(args.model, mesh_cfg, args.batch, args.seq, args.remat, args.dtype, args.grad_accum)
     print(f"{r['preset']} on mesh {r['mesh']} ({r['devices']} devices), batch {r['batch']} x "
-          f"seq {r['seq']}, remat={r['remat']}, compute {r['dtype']}, fp32 params + AdamW")
+          f"seq {r['seq']}" + (f" in {args.grad_accum} microbatches" if args.grad_accum > 1 else "")
+          + f", remat={r['remat']}, compute {r['dtype']}, fp32 params + AdamW")
     for k in ("params", "opt", "temp", "peak"):
         label = {"params": "params", "opt": "optimizer state", "temp": "temporaries/activations",
                  "peak": "peak total"}[k]

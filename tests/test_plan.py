@@ -108,6 +108,21 @@ def test_full_remat_cuts_temporaries(remat_plans):
     assert (full["params_bytes"], full["opt_bytes"]) == (none["params_bytes"], none["opt_bytes"])
 
 
+def test_grad_accumulation_cuts_activations():
+    """On one device, 4 microbatches of 2 rows keep a quarter of the activations alive (plus
+    the gradient accumulator); the stored state is the same."""
+    one = MeshConfig(data=1, fsdp=1, tensor=1)
+    none, acc = (plan.plan("tiny", one, BATCH, 256, grad_accum=k) for k in (1, 4))
+    assert acc["grad_accum"] == 4
+    assert acc["temp_bytes"] < 0.6 * none["temp_bytes"]
+    assert (acc["params_bytes"], acc["opt_bytes"]) == (none["params_bytes"], none["opt_bytes"])
+
+
+def test_cli_rejects_grad_accum_that_does_not_divide_the_batch(capsys):
+    rc = cli(["plan", "--model", "tiny", "--mesh", "fsdp=1", "--batch", "6", "--grad-accum", "4"])
+    assert rc == 2 and "--grad-accum 4 must be >= 1 and divide --batch 6" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mesh_text", ["fsdp=four", "fsdp=0", "tensor=-2", "pipeline=2",
                                        "fsdp", "fsdp=4,data=x"])
 def test_cli_rejects_bad_mesh_text(mesh_text, capsys):
