@@ -11,7 +11,10 @@ import base64
 import logging
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
+
+from jaxft import distributed
 
 log = logging.getLogger("jaxft")
 
@@ -28,6 +31,19 @@ def _decode(obj):
     return obj
 
 
+def _this_process(data: dict, step: int):
+    """This process's saved data state. A run resumed on a different number of processes
+    reads the data in other shards, so it takes process 0's position (how far the run got)."""
+    if not (isinstance(data, dict) and "per_process" in data):
+        return data  # a checkpoint written before per-process states were kept
+    states, i, n = data["per_process"], jax.process_index(), jax.process_count()
+    if len(states) != n:
+        log.warning("checkpoint step %d was written by %d processes and is resumed by %d: each "
+                    "process continues from process 0's data position", step, len(states), n)
+        return states[0]
+    return states[i]
+
+
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True):
         self.dir = Path(directory).absolute()
@@ -39,10 +55,12 @@ class Checkpoints:
         return sorted(self.mngr.all_steps())
 
     def save(self, step: int, state: dict, data_state, wait: bool = False) -> None:
-        """Starts an async save; `wait` blocks until it is committed (end of run, SIGTERM)."""
+        """Starts an async save; `wait` blocks until it is committed (end of run, SIGTERM).
+        Every process's data-iterator state is kept (each reads its own shard of the data)."""
+        per_process = distributed.gather_json(_encode(data_state))
         self.mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_encode(data_state))),
-            force=True)
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"per_process": per_process})), force=True)
         if wait:
             self.mngr.wait_until_finished()
 
@@ -56,7 +74,7 @@ class Checkpoints:
                 log.warning("checkpoint step %d in %s does not restore (%s: %s); trying the "
                             "previous one", step, self.dir, type(e).__name__, str(e)[:200])
                 continue
-            return step, out["state"], _decode(out["data"])
+            return step, out["state"], _decode(_this_process(out["data"], step))
         return None
 
     def wait(self) -> None:

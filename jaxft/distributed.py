@@ -10,6 +10,7 @@ On a Cloud TPU pod slice the coordinator, count and ids are found without any fl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 
@@ -137,3 +138,17 @@ def replicate(x, sharding: jax.sharding.NamedSharding) -> jax.Array:
     """A host value (the same on every process) as one global array with `sharding`, e.g.
     fully replicated: Orbax saves only global arrays in a multi-process run."""
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+def gather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order, on every process (one collective: all
+    processes must call it together)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(rows[i, : sizes[i]]).decode()) for i in range(len(sizes))]

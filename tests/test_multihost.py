@@ -163,8 +163,18 @@ def test_only_process_0_reports(runs):
     assert "jaxft:" not in runs["logs"][1]
 
 
+def test_checkpoint_keeps_every_process_data_position(runs):
+    """Each process reads its own shard, so each one's iterator state is saved."""
+    def states(run):
+        return json.loads((Path(run) / "ckpt" / "2" / "data" / "metadata").read_text())["per_process"]
+    mp, ref = states(runs["mp"]), states(runs["ref"])
+    assert len(mp) == 2 and len(ref) == 1
+    assert all(isinstance(s, dict) and s for s in mp + ref)
+
+
 def test_one_process_resumes_a_two_process_checkpoint(runs):
     assert "resuming at step 2" in runs["resume_log"]
+    assert "written by 2 processes and is resumed by 1" in runs["resume_log"]
     ref, resumed = train_rows(runs["ref"]), train_rows(runs["resumed"])
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(resumed[2:], ref[2:]):
