@@ -75,11 +75,21 @@ def apply_rope(x_BxLxHxE: jax.Array, sin_BxLxE2, cos_BxLxE2) -> jax.Array:
 
 # ---------------------------------------------------------------- modules
 
+# Whether training takes the CPU kernels (`linear`'s VJP, `weight_grad`, the fused head+loss in
+# `jaxft.loss`); None: when the default backend is the CPU. `jaxft plan` compiles on fake CPU
+# devices for an accelerator, so it sets False.
+CPU_KERNELS: bool | None = None
+
+
+def cpu_kernels() -> bool:
+    return jax.default_backend() == "cpu" if CPU_KERNELS is None else CPU_KERNELS
+
+
 def linear(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
     """`x @ w` over the last axis. On CPU its weight gradient is a plain row-major matmul on an
     explicit copy of x^T: XLA's CPU backend otherwise contracts over the token axis with a slow
     transposed-operand kernel, which made a SwiGLU MLP's forward+backward ~30 % slower."""
-    if jax.default_backend() == "cpu":
+    if cpu_kernels():
         return _linear_cpu(x_BxLxI, w_IxO)
     return x_BxLxI @ w_IxO
 
@@ -95,7 +105,7 @@ def _linear_fwd(x, w):
 
 def weight_grad(x_MxI: jax.Array, dy_MxO: jax.Array) -> jax.Array:
     """x^T @ dy in float32, the weight gradient of `x @ w`, contracted over the M tokens."""
-    if jax.default_backend() == "cpu":
+    if cpu_kernels():
         # The barrier keeps XLA from folding the transpose back into the dot's dimension numbers.
         x_IxM = jax.lax.optimization_barrier(x_MxI.T)
         return jnp.dot(x_IxM, dy_MxO, preferred_element_type=jnp.float32)

@@ -43,7 +43,7 @@ def plan(preset: str, mesh_cfg, batch: int, seq: int, remat: str = "none",
     import jax
     import jax.numpy as jnp
 
-    from jaxft import presets, sharding, state
+    from jaxft import model, presets, sharding, state
     from jaxft.config import OptimConfig
     from jaxft.optim import make_optimizer
     from jaxft.train import compile_train_step
@@ -59,8 +59,12 @@ def plan(preset: str, mesh_cfg, batch: int, seq: int, remat: str = "none",
     bsh = sharding.batch_sharding(mesh)
     abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bsh)
                  for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-    compiled = compile_train_step(layout, grad_accum).lower(
-        layout.abs_params, layout.abs_opt, abs_batch).compile()
+    model.CPU_KERNELS = False  # plan the accelerator's code path, not the CPU kernels
+    try:
+        compiled = compile_train_step(layout, grad_accum).lower(
+            layout.abs_params, layout.abs_opt, abs_batch).compile()
+    finally:
+        model.CPU_KERNELS = None
     ma = compiled.memory_analysis()
     params_b, opt_b = _bytes_per_device(layout.abs_params), _bytes_per_device(layout.abs_opt)
     temp_b = int(ma.temp_size_in_bytes)

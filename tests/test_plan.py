@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft import plan, presets, sharding, state
+from jaxft import model, plan, presets, sharding, state
 from jaxft.__main__ import main as cli
 from jaxft.config import MeshConfig, OptimConfig
 from jaxft.optim import make_optimizer
@@ -46,7 +46,11 @@ def planned_and_live(request):
                        "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ))},
                       mesh)
     live["batch"] = [bytes_on(batch, d) for d in devices]
-    compiled = compile_train_step(layout, 1).lower(params, opt, batch).compile()
+    model.CPU_KERNELS = False  # the program the plan compiles: the accelerators' code path
+    try:
+        compiled = compile_train_step(layout, 1).lower(params, opt, batch).compile()
+    finally:
+        model.CPU_KERNELS = None
     old_leaf = jax.tree.leaves(params)[0]
     new_params, new_opt, metrics = compiled(params, opt, batch)
     live["new_params"] = [bytes_on(new_params, d) for d in devices]
