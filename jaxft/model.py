@@ -10,6 +10,7 @@ heads, K kv heads, G = H // K, E head width, F MLP width, V vocab, N layers.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import jax
@@ -77,12 +78,23 @@ def apply_rope(x_BxLxHxE: jax.Array, sin_BxLxE2, cos_BxLxE2) -> jax.Array:
 
 # Whether training takes the CPU kernels (`linear`'s VJP, `weight_grad`, the fused head+loss in
 # `jaxft.loss`); None: when the default backend is the CPU. `jaxft plan` compiles on fake CPU
-# devices for an accelerator, so it sets False.
+# devices for an accelerator, so it traces under `accelerator_kernels()`.
 CPU_KERNELS: bool | None = None
 
 
 def cpu_kernels() -> bool:
     return jax.default_backend() == "cpu" if CPU_KERNELS is None else CPU_KERNELS
+
+
+@contextmanager
+def accelerator_kernels():
+    """Traces the accelerators' code path even on the CPU backend (e.g. to plan a TPU run)."""
+    global CPU_KERNELS
+    before, CPU_KERNELS = CPU_KERNELS, False
+    try:
+        yield
+    finally:
+        CPU_KERNELS = before
 
 
 def linear(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
@@ -350,18 +362,18 @@ class Llama(nnx.Module):
         return h_BxLxD, {"k": kv_out[0], "v": kv_out[1], "segment_ids": k_seg_BxS, "index": index + l}
 
     def head_VxD(self) -> jax.Array:
+        """The output head's rows for the real vocab (padding rows are never scored)."""
         w = self.embed_VxD if self.lm_head_VxD is None else self.lm_head_VxD
-        return w[...].astype(_dtype(self.cfg.dtype))
+        return w[: self.cfg.vocab_size].astype(_dtype(self.cfg.dtype))
 
     @staticmethod
     def head_input(h_BxLxD) -> jax.Array:
         return sharding.constrain(h_BxLxD, ("batch", "length", "act_embed"))
 
     def logits(self, h_BxLxD) -> jax.Array:
-        """Logits over the real vocab, `[B, L, V]`, in float32. Padding rows are never scored."""
-        w_VxD = self.head_VxD()[: self.cfg.vocab_size]
-        h_BxLxD = self.head_input(h_BxLxD)
-        logits = jnp.einsum("bld,vd->blv", h_BxLxD, w_VxD, preferred_element_type=jnp.float32)
+        """Logits over the real vocab, `[B, L, V]`, in float32."""
+        logits = jnp.einsum("bld,vd->blv", self.head_input(h_BxLxD), self.head_VxD(),
+                            preferred_element_type=jnp.float32)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, ids_BxL, positions_BxL=None, segment_ids_BxL=None, cache: Cache | None = None):

@@ -59,20 +59,17 @@ def plan(preset: str, mesh_cfg, batch: int, seq: int, remat: str = "none",
     bsh = sharding.batch_sharding(mesh)
     abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bsh)
                  for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-    model.CPU_KERNELS = False  # plan the accelerator's code path, not the CPU kernels
-    try:
+    with model.accelerator_kernels():  # plan the accelerators' code path, not the CPU kernels
         compiled = compile_train_step(layout, grad_accum).lower(
             layout.abs_params, layout.abs_opt, abs_batch).compile()
-    finally:
-        model.CPU_KERNELS = None
     ma = compiled.memory_analysis()
     params_b, opt_b = _bytes_per_device(layout.abs_params), _bytes_per_device(layout.abs_opt)
     temp_b = int(ma.temp_size_in_bytes)
     peak = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
                - ma.alias_size_in_bytes + temp_b)
     return {"preset": preset, "mesh": dict(mesh.shape), "devices": mesh.size, "batch": batch,
-            "seq": seq, "remat": remat, "dtype": dtype, "grad_accum": grad_accum, "params_bytes": params_b,
-            "opt_bytes": opt_b, "temp_bytes": temp_b, "peak_bytes": peak}
+            "seq": seq, "remat": remat, "dtype": dtype, "grad_accum": grad_accum,
+            "params_bytes": params_b, "opt_bytes": opt_b, "temp_bytes": temp_b, "peak_bytes": peak}
 
 
 def _ensure_devices(n: int) -> None:

@@ -46,11 +46,8 @@ def planned_and_live(request):
                        "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ))},
                       mesh)
     live["batch"] = [bytes_on(batch, d) for d in devices]
-    model.CPU_KERNELS = False  # the program the plan compiles: the accelerators' code path
-    try:
+    with model.accelerator_kernels():  # the program the plan compiles
         compiled = compile_train_step(layout, 1).lower(params, opt, batch).compile()
-    finally:
-        model.CPU_KERNELS = None
     old_leaf = jax.tree.leaves(params)[0]
     new_params, new_opt, metrics = compiled(params, opt, batch)
     live["new_params"] = [bytes_on(new_params, d) for d in devices]
