@@ -10,6 +10,14 @@ AdamW step per batch. Timing is interleaved, jaxft then torch, `--reps` times; e
 `--steps` steps after warm-up, and the table shows the median per-step time. Run it without
 XLA_FLAGS: one device (simulated devices on two cores cost ~20%).
 
+Each rep runs one untimed step per framework before its timed ones. On a VM with free page
+reporting (a virtio balloon; this dev machine's Firecracker guest has it), memory a process
+frees is handed back to the host after ~2 s, and the next allocation re-faults it from the
+host: the first step after the other framework's multi-second turn pays for that (jaxft's
+SmolLM2 step, whose ~2.8 GB temp buffer is mapped afresh each execution, 6.3 -> 7.0-7.8 s; the
+same after a 6 s sleep), while a training loop's back-to-back steps never do. The untimed step
+puts both at their steady training pace; its time is still printed.
+
 Both frameworks page-fault on fresh allocations every step (jaxft's XLA temp buffer is one
 ~2.8 GB mmap for the SmolLM2 shape, refaulted 4 KiB at a time), and how much torch's glibc heap
 happens to reuse depends on what ran before in the process. For steady figures run with
@@ -147,10 +155,14 @@ def run_config(name: str, args) -> dict:
     jx.step(jb[1]), th.step(*tb[1])  # warm-up: allocator, thread pools
     tj, tt = [], []
     for r in range(args.reps):
+        # One untimed step after each switch (see the module docstring), its time shown apart.
+        cj = timed_steps(jx.step, jb, 1)
         tj.append(timed_steps(jx.step, jb, args.steps))
+        ct = timed_steps(lambda x: th.step(*x), tb, 1)
         tt.append(timed_steps(lambda x: th.step(*x), tb, args.steps))
         print(f"  rep {r}: jaxft {tj[-1] * 1e3:8.1f} ms  torch {tt[-1] * 1e3:8.1f} ms "
-              f"(load {os.getloadavg()[0]:.2f})", flush=True)
+              f"(first step after the switch: jaxft {cj * 1e3:.0f}, torch {ct * 1e3:.0f}; "
+              f"load {os.getloadavg()[0]:.2f})", flush=True)
     mj, mt = float(np.median(tj)), float(np.median(tt))
     fpt = flops_per_token(cfg, l)
     return {"name": name, "b": b, "l": l, "params_m": sum(p.numel() for p in hf.parameters()) / 1e6,

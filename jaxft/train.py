@@ -65,7 +65,7 @@ def _train_step(graphdef, tx, grad_accum: int, params, opt_state, batch):
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": loss_sum / n, "tokens": n_tok,
-                               "grad_norm": optax.global_norm(grads)}
+                               "grad_norm": optax.tree.norm(grads)}
 
 
 def compile_train_step(layout: state.Layout, grad_accum: int):

@@ -3,11 +3,12 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from jaxft import sharding, state
 from jaxft.config import MeshConfig, OptimConfig
-from jaxft.optim import make_optimizer, schedule
+from jaxft.optim import make_optimizer, optax_reference, schedule
 from jaxft.train import compile_train_step, to_global
 
 
@@ -37,6 +38,30 @@ def test_weight_decay_skips_norms_and_embeddings(tiny_cfg):
     assert np.all(np.asarray(upd["blocks"]["attn_norm"]["weight"]) == 0)
     assert np.any(np.asarray(upd["blocks"]["mlp"]["w_up_DxF"]) != 0)
     assert np.any(np.asarray(upd["lm_head_VxD"]) != 0)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0, 1e3])
+def test_one_pass_adamw_equals_optax_chain(tiny_cfg, clip):
+    """clip_norm 1 clips every step here (gradients of norm ~10), 1e3 never does."""
+    cfg = OptimConfig(lr=1e-2, warmup_steps=2, decay="cosine", weight_decay=0.1, clip_norm=clip,
+                      b1=0.8, b2=0.95, eps=1e-6)
+    mesh = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    ours, ref = make_optimizer(cfg, 5), optax_reference(cfg, 5)
+    params = state.init_params(state.make_layout(tiny_cfg, mesh, ours), 0)
+    p_ours, s_ours = params, ours.init(params)
+    p_ref, s_ref = params, ref.init(params)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        grads = jax.tree.map(lambda p: rng.normal(0, 0.05, p.shape).astype(np.float32), params)
+        u, s_ours = jax.jit(ours.update)(grads, s_ours, p_ours)
+        p_ours = optax.apply_updates(p_ours, u)
+        u, s_ref = jax.jit(ref.update)(grads, s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u)
+    moved = 0
+    for a, b, p0 in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        moved += float(np.abs(np.asarray(b) - np.asarray(p0)).max())
+    assert moved > 1e-3  # the steps were not all zero (lr 0 at step 0 only)
 
 
 def _batch(rng, b, l, vocab):
