@@ -80,9 +80,17 @@ def read_config(d: str | os.PathLike) -> ModelConfig:
 
 def save_params(d: Path, params: dict) -> None:
     """Saves a pure dict of arrays (possibly sharded) to DIR/params with Orbax."""
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save((d / "params").absolute(), params)
-    ckptr.wait_until_finished()
+    ocp.Checkpointer(_handler(params)).save((d / "params").absolute(),
+                                            args=ocp.args.StandardSave(params))
+
+
+def _handler(tree) -> ocp.StandardCheckpointHandler:
+    """Orbax encodes every array it has in flight before writing, which for real weights (which
+    do not compress) holds a second copy of the model in host memory. Capping the bytes in
+    flight at the largest array (Orbax refuses a cap below that) bounds the extra to one array:
+    saving 417 MiB of random fp32 weights in 12 arrays took 271 MiB extra, 8 MiB with the cap."""
+    largest = max((x.nbytes for x in jax.tree.leaves(tree)), default=1)
+    return ocp.StandardCheckpointHandler(save_concurrent_gb=largest * 1.001 / 1e9 + 1e-3)
 
 
 def load_params(d: str | os.PathLike, abstract: dict) -> dict:
