@@ -69,8 +69,8 @@ def test_params_and_optimizer_bytes_equal_live_shards(planned_and_live):
     for key, planned in (("params", p["params_bytes"]), ("opt", p["opt_bytes"])):
         assert live[key] == [planned] * 8, key
         assert live["new_" + key] == [planned] * 8, key
-    # Adam keeps two fp32 moments per fp32 param, plus two replicated int32 step counters.
-    assert p["opt_bytes"] == 2 * p["params_bytes"] + 2 * 4
+    # Adam keeps two fp32 moments per fp32 param, plus one replicated int32 step counter.
+    assert p["opt_bytes"] == 2 * p["params_bytes"] + 4
 
 
 def test_temporaries_equal_the_executable_that_ran(planned_and_live):
