@@ -57,10 +57,10 @@ def main() -> None:
     from jaxft.convert import from_hf
     from jaxft.generate import generate, generate_no_cache
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
-    hf = build_hf(args, tmp / "hf")
-    from_hf(tmp / "hf", tmp / "jaxft")
-    model = jaxft.load(tmp / "jaxft").model
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as d:
+        hf = build_hf(args, Path(d) / "hf")
+        from_hf(Path(d) / "hf", Path(d) / "jaxft")
+        model = jaxft.load(Path(d) / "jaxft").model
 
     rng = np.random.default_rng(args.seed)
     prompts = [[1] + rng.integers(3, 49152, args.prompt_len - 1).tolist() for _ in range(args.batch)]

@@ -134,11 +134,11 @@ def run_config(name: str, args) -> dict:
     from jaxft.train import flops_per_token, peak_flops
 
     cfg, b, l = CONFIGS[name]
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench-step-{name}-"))
-    hf = hf_model(cfg, args.seed)
-    hf.save_pretrained(tmp / "hf", safe_serialization=True)
-    from_hf(tmp / "hf", tmp / "jx")
-    jx = Jax(cfg, tmp / "jx", args.lr)
+    with tempfile.TemporaryDirectory(prefix=f"bench-step-{name}-") as d:  # ~1 GB for SmolLM2
+        hf = hf_model(cfg, args.seed)
+        hf.save_pretrained(Path(d) / "hf", safe_serialization=True)
+        from_hf(Path(d) / "hf", Path(d) / "jx")
+        jx = Jax(cfg, Path(d) / "jx", args.lr)
     th = Torch(hf, args.lr)
 
     ids = make_batches(cfg, b, l, 2, args.seed)
@@ -192,12 +192,12 @@ def pieces(name: str, n: int) -> list[tuple[str, float, float]]:
     from jaxft.model import CausalSegments, attention
 
     cfg, b, l = CONFIGS[name]
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench-pieces-{name}-"))
-    hf = hf_model(cfg, 0)
-    hf.save_pretrained(tmp / "hf", safe_serialization=True)
     from jaxft.convert import from_hf
-    from_hf(tmp / "hf", tmp / "jx")
-    jx, th = Jax(cfg, tmp / "jx", 1e-4), Torch(hf, 1e-4)
+    with tempfile.TemporaryDirectory(prefix=f"bench-pieces-{name}-") as d:
+        hf = hf_model(cfg, 0)
+        hf.save_pretrained(Path(d) / "hf", safe_serialization=True)
+        from_hf(Path(d) / "hf", Path(d) / "jx")
+        jx, th = Jax(cfg, Path(d) / "jx", 1e-4), Torch(hf, 1e-4)
     ids = make_batches(cfg, b, l, 1, 0)[0]
     batch = jax_batch(ids, jx.mesh)
     inp, tgt = torch.from_numpy(ids[:, :-1].astype(np.int64)), torch.from_numpy(ids[:, 1:].astype(np.int64))
