@@ -140,6 +140,14 @@ def replicate(x, sharding: jax.sharding.NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
 
+def max_over_processes(n: int) -> int:
+    """The largest of every process's `n` (one collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.int32(n))))
+
+
 def gather_json(obj) -> list:
     """Every process's JSON-able `obj`, in process order, on every process (one collective: all
     processes must call it together)."""

@@ -86,7 +86,11 @@ def compile_eval_step(layout: state.Layout):
 
 
 def to_global(batch: dict, mesh) -> dict:
-    """Each process's rows become one global array sharded over the data axes."""
+    """Each process's rows become one global array sharded over the data axes. Rows padded to
+    each process's own longest (`padding: longest`) are first padded to the widest of them: zeros
+    are padding, segment 0 with no loss, so the extra columns change nothing."""
+    width = distributed.max_over_processes(max(v.shape[1] for v in batch.values()))
+    batch = {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in batch.items()}
     sh = sharding.batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 

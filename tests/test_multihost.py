@@ -250,3 +250,27 @@ def test_shards_are_disjoint_and_cover_the_batch(data_root, tok_dir):
     assert all(len(h["inputs"]) == 4 for h in halves)
     assert not rows(halves[0]) & rows(halves[1])
     assert rows(halves[0]) | rows(halves[1]) == rows(whole)
+
+
+def test_padding_longest_agrees_on_one_width_across_processes(tmp_path, data_root, tok_dir):
+    """With `longest` each process pads its rows to its own longest; the global batch needs one
+    width, so the processes agree on the widest before building it. 2 processes must then train
+    exactly as 1 does."""
+    from jaxft import config as config_lib, data
+    longest = [s.replace("data.padding=max_length", "data.padding=longest")
+               for s in sets(tok_dir, 2)] + ["data.max_length=1024"]
+    cfg = config_lib.load_config(CONFIG, [f"data.root={data_root}", *longest])
+    tok = data.build_tokenizer(cfg)
+    records, _ = data.load_split(cfg, "train")
+    widths = {next(iter(data.make_loader(cfg, tok, records, train=True, process_count=2,
+                                         process_index=p)))["inputs"].shape[1] for p in (0, 1)}
+    assert len(widths) == 2, "the two halves must differ in width for this test to mean anything"
+    one_process(tmp_path / "ref", longest, data_root)
+    procs = two_processes(tmp_path / "mp", longest, data_root, tmp_path)
+    codes = wait_all(procs, timeout=400)
+    assert codes == [0, 0], (tmp_path / "p0.log").read_text()[-3000:]
+    ref, mp = train_rows(tmp_path / "ref"), train_rows(tmp_path / "mp")
+    assert [r["step"] for r in mp] == [1, 2]
+    for a, b in zip(mp, ref):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL)
