@@ -48,13 +48,12 @@ class AdamWState(NamedTuple):
 def clipped_adamw(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
     """`chain(clip_by_global_norm, adamw(mask=...))`, the same numbers in one pass per leaf.
 
-    Optax's chain runs as several passes over the params on XLA:CPU (clip, moments, bias
-    correction, decay, lr each re-read the tree: 381 ms per step for 135M params); here every
-    leaf is read once (grad, param, mu, nu) and written once (update, mu, nu): 145 ms."""
+    Every leaf is read once (grad, param, mu, nu) and written once (update, mu, nu). Compiled
+    alone for 135M params on XLA:CPU, Optax's chain takes 381 ms and this 145 ms; inside the
+    train step, where XLA already fused part of the chain, the step gains about 1 %."""
     def init(params):
-        zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
-        return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
-                          jax.tree.map(zeros, params))
+        return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                          jax.tree.map(jnp.zeros_like, params))
 
     def update(grads, state, params):
         count = optax.safe_increment(state.count)
