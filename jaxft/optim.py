@@ -85,12 +85,3 @@ def clipped_adamw(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransfo
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     return clipped_adamw(cfg, schedule(cfg, total_steps))
 
-
-def optax_reference(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """The same optimizer as Optax's own chain: what `clipped_adamw` is tested against."""
-    parts = []
-    if cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=_decay_mask(cfg)))
-    return optax.chain(*parts)

@@ -8,7 +8,7 @@ import pytest
 
 from jaxft import sharding, state
 from jaxft.config import MeshConfig, OptimConfig
-from jaxft.optim import make_optimizer, optax_reference, schedule
+from jaxft.optim import _decay_mask, make_optimizer, schedule
 from jaxft.train import compile_train_step, to_global
 
 
@@ -38,6 +38,14 @@ def test_weight_decay_skips_norms_and_embeddings(tiny_cfg):
     assert np.all(np.asarray(upd["blocks"]["attn_norm"]["weight"]) == 0)
     assert np.any(np.asarray(upd["blocks"]["mlp"]["w_up_DxF"]) != 0)
     assert np.any(np.asarray(upd["lm_head_VxD"]) != 0)
+
+
+def optax_reference(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """The same optimizer built from Optax's own chain."""
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=_decay_mask(cfg)))
+    return optax.chain(*parts)
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0, 1e3])
