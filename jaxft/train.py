@@ -90,7 +90,8 @@ def to_global(batch: dict, mesh) -> dict:
     each process's own longest (`padding: longest`) are first padded to the widest of them: zeros
     are padding, segment 0 with no loss, so the extra columns change nothing."""
     width = distributed.max_over_processes(max(v.shape[1] for v in batch.values()))
-    batch = {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in batch.items()}
+    batch = {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) if v.shape[1] < width else v
+             for k, v in batch.items()}
     sh = sharding.batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
