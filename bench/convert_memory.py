@@ -20,8 +20,8 @@ from pathlib import Path
 # VmHWM, not getrusage: ru_maxrss survives exec, so a child would inherit this process's peak.
 CHILD = """
 import sys
-from jaxft import convert
-rc = convert.main(sys.argv[1:]) if len(sys.argv) > 1 else 0
+from jaxft.__main__ import main
+rc = main(["convert", *sys.argv[1:]]) if len(sys.argv) > 1 else 0
 hwm = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
 print(int(hwm) * 1024)  # kB
 sys.exit(rc)

@@ -49,12 +49,13 @@ def time_loader(loader, n_batches: int) -> tuple[float, int, float]:
 
 def time_train_step(cfg: Config, vocab: int, batches: list[dict], steps: int) -> float:
     """Seconds per optimizer step of the `tiny` preset on these batches (after compiling)."""
-    from jaxft import presets, sharding, state
+    from jaxft import sharding, state
+    from jaxft.config import get_preset
     from jaxft.config import MeshConfig
     from jaxft.optim import make_optimizer
     from jaxft.train import compile_train_step, to_global
 
-    mcfg = dataclasses.replace(presets.get("tiny"), vocab_size=vocab,
+    mcfg = dataclasses.replace(get_preset("tiny"), vocab_size=vocab,
                                max_seq_len=cfg.data.max_length)
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     tx = make_optimizer(cfg.optim, steps + 1)

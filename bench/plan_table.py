@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxft import presets
+from jaxft.config import get_preset
 from jaxft.model import param_count
 
 GiB = 1024**3
@@ -43,7 +43,7 @@ KEYS = {"params": "params", "optimizer state": "opt", "temporaries/activations":
 def meshes(model: str, n: int):
     """(fsdp, tensor) splits of n devices; tensor must divide the kv heads (else it would only
     replicate them)."""
-    kv = presets.get(model).n_kv_heads
+    kv = get_preset(model).n_kv_heads
     return [(n // t, t) for t in TENSOR if n % t == 0 and kv % t == 0 and n // t >= 1]
 
 
@@ -68,7 +68,7 @@ def run_plan(model: str, fsdp: int, tensor: int, seq: int, remat: str) -> dict:
 
 def state_floor_gib(model: str, n: int) -> float:
     """Per-device bytes no mesh of n devices can avoid: params, Adam moments and gradients."""
-    return param_count(presets.get(model)) * STATE_BYTES_PER_PARAM / n / GiB
+    return param_count(get_preset(model)) * STATE_BYTES_PER_PARAM / n / GiB
 
 
 def search(model: str, remat: str, seq: int, cached: dict, log, deadline: float):

@@ -36,8 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxft import presets
-from jaxft.config import ModelConfig
+from jaxft.config import ModelConfig, get_preset
 
 # name -> (model config, batch, sequence length). Llama-2's 32000-token vocab for the first two.
 CONFIGS = {
@@ -45,7 +44,7 @@ CONFIGS = {
                          ffn_dim=768, max_seq_len=512), 8, 256),
     "d512": (ModelConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8,
                          ffn_dim=1536, max_seq_len=1024), 4, 512),
-    "smollm2": (presets.get("smollm2-135m"), 4, 256),
+    "smollm2": (get_preset("smollm2-135m"), 4, 256),
 }
 
 

@@ -1,29 +1,28 @@
 """`jaxft train|eval|generate|convert|plan|audit`: a short entry point; each subcommand's
-parser and logic live in its own module, which exposes `add_parser(subparsers)`."""
+parser and logic live in its own module, which exposes `add_parser(subparsers)` and the
+handler `main(args)` that the parser is bound to."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("train", "evaluate", "generate", "convert", "plan", "audit")
+from jaxft.errors import USER_ERRORS
+
+# subcommand -> module under jaxft (`eval` would shadow the builtin as a module name)
+SUBCOMMANDS = {"train": "train", "eval": "evaluate", "generate": "generate",
+               "convert": "convert", "plan": "plan", "audit": "audit"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxft", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMANDS:
-        importlib.import_module(f"jaxft.{name}").add_parser(sub)
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(f"jaxft.{module}").add_parser(sub)
     args = parser.parse_args(argv)
-    from jaxft.config import ConfigError
-    from jaxft.judge import JudgeError
-    from jaxft.modeldir import OutputExistsError
-    from jaxft.tasks import DataError
-    from jaxft.templates import TemplateError
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, TemplateError, JudgeError, OutputExistsError,
-            FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"jaxft {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxft.config import load_config
+from jaxft.data import build_tokenizer, load_split, make_loader
+from jaxft.templates import boundary_ok, get_template, tokenize_example
+
 OPEN, CLOSE = "[[", "]]"
 GREEN, RESET = "\033[32m", "\033[0m"
 
@@ -31,9 +35,6 @@ def render(tok, ids, mask, colour: bool = False) -> str:
 
 
 def audit(cfg, n: int, out=None, err=None) -> int:
-    from jaxft.data import build_tokenizer, load_split, make_loader
-    from jaxft.templates import boundary_ok, get_template, tokenize_example
-
     out, err = out or sys.stdout, err or sys.stderr
     d = cfg.data
     records, skipped = load_split(cfg, "train")
@@ -70,17 +71,8 @@ def audit(cfg, n: int, out=None, err=None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    from jaxft.config import load_config
-    from jaxft.tasks import DataError
-    from jaxft.templates import TemplateError
-
-    cfg = load_config(args.config, args.set)
-    try:
-        return audit(cfg, args.n)
-    except (DataError, TemplateError) as e:
-        print(f"jaxft audit: error: {e}", file=sys.stderr)
-        return 2
+def main(args: argparse.Namespace) -> int:
+    return audit(load_config(args.config, args.overrides), args.n)
 
 
 def add_parser(subparsers) -> None:
@@ -88,6 +80,6 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n")[0])
     p.add_argument("config", help="YAML config of the run")
     p.add_argument("--n", type=int, default=3, help="examples to print (default 3)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.padding=longest (repeatable)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=main)

@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message says which key and why."""
+from jaxft.errors import ConfigError
 
 
 @dataclass
@@ -33,7 +31,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary base
     rope_scaling: dict | None = None  # Llama-3 style: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
-    max_seq_len: int = 4096  # longest sequence the rope table and KV cache are built for
+    max_seq_len: int = 4096  # context length the model was trained for (exported as max_position_embeddings)
     param_dtype: str = "float32"  # storage dtype of params (master weights)
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
@@ -126,6 +124,38 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Model presets; tests derive tiny configs from these with dataclasses.replace.
+PRESETS: dict[str, ModelConfig] = {
+    "llama2-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                             ffn_dim=11008, rope_theta=10000.0, max_seq_len=4096),
+    "llama2-13b": ModelConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40,
+                              ffn_dim=13824, rope_theta=10000.0, max_seq_len=4096),
+    "llama2-70b": ModelConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                              ffn_dim=28672, rope_theta=10000.0, max_seq_len=4096),
+    "llama3-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                             ffn_dim=14336, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                               ffn_dim=14336, rope_theta=500000.0, max_seq_len=8192,
+                               rope_scaling={"factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192}),
+    "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                ffn_dim=1536, rope_theta=100000.0, tie_embeddings=True,
+                                max_seq_len=8192),
+    # A model small enough to train in seconds on a CPU: tests and quick checks.
+    "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                        max_seq_len=512, vocab_multiple=8),
+    "small": ModelConfig(vocab_size=1024, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=768,
+                         max_seq_len=1024),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -150,24 +180,17 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected a bool, got {value!r}")
         return value
-    if typ is int:
+    if typ in (int, float):
         if isinstance(value, str):
             try:
-                return int(value)
+                return typ(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an int, got {value!r}")
-        return value
-    if typ is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        ok = (int,) if typ is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok):
+            raise ConfigError(f"{where}: expected {'an int' if typ is int else 'a number'}, "
+                              f"got {value!r}")
+        return typ(value)
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -223,15 +246,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def resolve(raw: dict) -> Config:
-    from jaxft import presets
-
     raw = dict(raw)
     preset = raw.get("preset", "") or ""
     model_over = raw.pop("model", None) or {}
     if not isinstance(model_over, dict):
         raise ConfigError("config.model: expected a mapping")
     cfg = from_dict(Config, raw)
-    base = to_dict(presets.get(preset)) if preset else {}
+    base = to_dict(get_preset(preset)) if preset else {}
     cfg.model = from_dict(ModelConfig, {**base, **model_over}, "config.model")
     validate(cfg)
     return cfg
@@ -246,11 +267,25 @@ def validate(cfg: Config) -> None:
     _choice("optim.decay", cfg.optim.decay, ("cosine", "linear", "constant"))
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}")
-    if d.batch_size % cfg.optim.grad_accum:
-        raise ConfigError(
-            f"data.batch_size={d.batch_size} must be divisible by optim.grad_accum={cfg.optim.grad_accum}")
+    check_batch_split(d.batch_size, grad_accum=cfg.optim.grad_accum)
     for dt in ("param_dtype", "dtype"):
         _choice(f"model.{dt}", getattr(m, dt), ("float32", "bfloat16", "float16"))
+
+
+def check_batch_split(batch_size: int, *, grad_accum: int = 1, data_parallel: int = 1,
+                      processes: int = 1, names=("data.batch_size", "optim.grad_accum")) -> None:
+    """The one rule for splitting data.batch_size: into optim.grad_accum microbatches, each
+    split over the data-parallel devices (data * fsdp) and over the processes."""
+    batch_name, accum_name = names
+    for name, n in ((accum_name, grad_accum), ("data-parallel devices (data*fsdp)",
+                    data_parallel), ("processes", processes)):
+        if n < 1:
+            raise ConfigError(f"{name}={n} must be >= 1")
+    parts = grad_accum * data_parallel
+    if batch_size % parts or batch_size % processes:
+        raise ConfigError(
+            f"{batch_name}={batch_size} must be divisible by {accum_name} ({grad_accum}) "
+            f"times the data-parallel devices ({data_parallel}), and by the {processes} processes")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

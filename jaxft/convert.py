@@ -4,7 +4,8 @@ The mapping is one key table, `TABLE`: each HF tensor name, the jaxft param it f
 many of the jaxft dims are the matmul input. Every HF linear weight is stored (out, in), every
 jaxft one (in..., out...), so one rule covers them all: `jaxft = hf.T.reshape(jaxft_shape)` and
 back `hf = jaxft.reshape(hf_shape[::-1]).T`. HF q/k already use the half-rotation rope layout
-of `jaxft.model`, so nothing is permuted here (GGUF's permuted q/k are undone in `jaxft.gguf`).
+of `jaxft.model`, so nothing is permuted here (GGUF's permuted q/k are undone by `jaxft.gguf`,
+whose reader feeds the same table under HF names).
 
 Conversion streams tensor by tensor: it holds one copy of the params (being built or read back)
 plus one tensor or one output shard; Orbax's write buffers come on top (bench/convert_memory.py).
@@ -19,14 +20,20 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
+import ml_dtypes
 import numpy as np
+from gguf import GGUFReader
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from jaxft.config import ConfigError, ModelConfig
+from jaxft.config import ModelConfig
+from jaxft.errors import ConvertError
+from jaxft.gguf import GGUFWeights, config_from_gguf, tokenizer_files
+from jaxft.model import EMBED, LM_HEAD, VOCAB_PARAMS
 from jaxft.modeldir import atomic_dir, load_params, read_config, save_params, write_config
-
-
-class ConvertError(ConfigError):
-    """An input that cannot be converted; the message names the file, key or tensor."""
+from jaxft.state import abstract_params
+from jaxft.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class Entry:
 
 
 TABLE = (
-    Entry("model.embed_tokens.weight", ("embed_VxD",), 0),
+    Entry("model.embed_tokens.weight", (EMBED,), 0),
     Entry("model.layers.{i}.input_layernorm.weight", ("blocks", "attn_norm", "weight"), 0),
     Entry("model.layers.{i}.self_attn.q_proj.weight", ("blocks", "attn", "wq_DxHxE"), 1),
     Entry("model.layers.{i}.self_attn.k_proj.weight", ("blocks", "attn", "wk_DxKxE"), 1),
@@ -48,7 +55,7 @@ TABLE = (
     Entry("model.layers.{i}.mlp.up_proj.weight", ("blocks", "mlp", "w_up_DxF"), 1),
     Entry("model.layers.{i}.mlp.down_proj.weight", ("blocks", "mlp", "w_down_FxD"), 1),
     Entry("model.norm.weight", ("final_norm", "weight"), 0),
-    Entry("lm_head.weight", ("lm_head_VxD",), 0),
+    Entry("lm_head.weight", (LM_HEAD,), 0),
 )
 # Buffers some old checkpoints saved beside the weights; they are recomputed, never read.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -58,17 +65,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-
-def abstract_params(cfg: ModelConfig) -> dict:
-    """The jaxft params dict as ShapeDtypeStructs, straight from the model definition."""
-    from flax import nnx
-    from jaxft.model import Llama
-    return nnx.state(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))), nnx.Param).to_pure_dict()
-
-
 def jaxft_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of every jaxft param by path (stacked ones lead with the layers axis)."""
-    import jax
     flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
     return {tuple(k.key for k in path): x.shape for path, x in flat}
 
@@ -77,7 +75,7 @@ def hf_names(cfg: ModelConfig) -> list[tuple[str, Entry, int | None]]:
     """(HF name, table entry, layer index or None) for every tensor an HF checkpoint holds."""
     out = []
     for entry in TABLE:
-        if entry.path == ("lm_head_VxD",) and cfg.tie_embeddings:
+        if entry.path == (LM_HEAD,) and cfg.tie_embeddings:
             continue
         if "{i}" in entry.hf:
             out += [(entry.hf.format(i=i), entry, i) for i in range(cfg.n_layers)]
@@ -89,7 +87,7 @@ def hf_names(cfg: ModelConfig) -> list[tuple[str, Entry, int | None]]:
 def hf_shape(entry: Entry, cfg: ModelConfig, shapes: dict) -> tuple[int, ...]:
     """The HF shape of a table entry; `shapes` is `jaxft_shapes(cfg)`."""
     js = shapes[entry.path][1 if "{i}" in entry.hf else 0:]
-    if entry.path in (("embed_VxD",), ("lm_head_VxD",)):
+    if entry.path[0] in VOCAB_PARAMS:
         return (cfg.vocab_size, cfg.dim)  # jaxft pads rows up to padded_vocab
     if entry.n_in == 0:
         return js
@@ -102,7 +100,6 @@ def to_jaxft(w: np.ndarray, entry: Entry, js: tuple[int, ...]) -> np.ndarray:
 
 def to_hf(w: np.ndarray, entry: Entry, hs: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(w[: hs[0]] if entry.n_in == 0 else w.reshape(hs[::-1]).T)
-
 
 
 def _rope_scaling(sc: dict | None, where: str) -> dict | None:
@@ -155,7 +152,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "attention_bias": False, "mlp_bias": False, "dtype": cfg.param_dtype}
 
 
-
 class HFWeights:
     """Names and tensors of an HF checkpoint, read one tensor at a time."""
 
@@ -180,7 +176,6 @@ class HFWeights:
     def _keys(self, path: Path) -> list[str]:
         if self.torch:
             return list(self._torch_file(path))
-        from safetensors import safe_open
         with safe_open(path, framework="numpy") as f:
             return list(f.keys())
 
@@ -193,14 +188,12 @@ class HFWeights:
     def get(self, name: str) -> np.ndarray:
         path = self.where[name]
         if not self.torch:
-            from safetensors import safe_open
             # Opened per tensor: closing unmaps the file, so read pages never pile up in RSS.
             with safe_open(path, framework="numpy") as f:
                 return f.get_tensor(name)
         t = self._torch_file(path)[name]
         if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16; reinterpret the bits
-            import ml_dtypes
-            import torch
+            import torch  # loaded already by _torch_file
             return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
@@ -223,7 +216,6 @@ def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
 def convert_weights(cfg: ModelConfig, weights, src, out, force: bool, write_tokenizer) -> Path:
     """Fills the jaxft params from `weights` (`.where`: HF names, `.get(name)`: one array)
     tensor by tensor, then writes the model dir; errors name `src` and the tensor."""
-    import jax
     names = hf_names(cfg)
     expected = {n for n, _, _ in names}
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a redundant copy if there
@@ -243,7 +235,7 @@ def convert_weights(cfg: ModelConfig, weights, src, out, force: bool, write_toke
         if w.shape != want:
             raise ConvertError(f"{src}: tensor {name} has shape {list(w.shape)}, expected {list(want)}")
         target = _at(params, entry.path)[() if layer is None else layer]
-        if entry.path in (("embed_VxD",), ("lm_head_VxD",)):
+        if entry.path[0] in VOCAB_PARAMS:
             target = target[: cfg.vocab_size]
         target[...] = to_jaxft(w.astype(target.dtype, copy=False), entry, target.shape)
     return write_model_dir(out, cfg, params, force, write_tokenizer)
@@ -261,7 +253,6 @@ def write_model_dir(out, cfg: ModelConfig, params: dict, force: bool, write_toke
 
 def _to_device(tree: dict) -> None:
     """Replaces each numpy leaf by a jax array in place, one at a time (one copy at most)."""
-    import jax
     for k, v in tree.items():
         if isinstance(v, dict):
             _to_device(v)
@@ -281,7 +272,6 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-
 def parse_size(s: str | int) -> int:
     """'5GB' -> 5e9 bytes, '200MiB' -> 200 * 2**20; a bare number is bytes."""
     if isinstance(s, int):
@@ -295,7 +285,6 @@ def parse_size(s: str | int) -> int:
 
 def read_params_host(d: Path, cfg: ModelConfig) -> dict:
     """The params of a model dir as host arrays (no mesh, no sharded placement)."""
-    import jax
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     return load_params(d, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
                                        abstract_params(cfg)))
@@ -304,8 +293,6 @@ def read_params_host(d: Path, cfg: ModelConfig) -> dict:
 def to_hf_dir(ckpt: str | Path, out: str | Path, force: bool = False,
               max_shard_size: str | int = "5GB") -> Path:
     """Writes a jaxft model directory as an HF Llama directory loadable by transformers."""
-    from safetensors.numpy import save_file
-
     ckpt, limit = Path(ckpt), parse_size(max_shard_size)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such jaxft model directory")
@@ -348,7 +335,6 @@ def _save_tokenizer(tok_dir: Path, dst: Path) -> dict:
     jaxft's tokenizer. Returns the special ids for config.json."""
     if not tok_dir.is_dir():
         return {}
-    from jaxft.tokenizer import load_tokenizer
     _copy_tokenizer(tok_dir, dst)
     try:
         tok = load_tokenizer(tok_dir)
@@ -357,7 +343,6 @@ def _save_tokenizer(tok_dir: Path, dst: Path) -> dict:
     if not (dst / "tokenizer_config.json").is_file():
         tok.save(dst, force=True)
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -370,25 +355,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--max-shard-size", default="5GB", help="HF export: bytes per safetensors file")
-    p.set_defaults(func=run)
+    p.set_defaults(func=main)
     return p
 
 
-def run(args) -> int:
+def from_gguf(src: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Converts a llama.cpp GGUF Llama file into a jaxft model directory at `out`."""
+    src = Path(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such GGUF file")
+    reader = GGUFReader(src)
+    cfg = config_from_hf(config_from_gguf(reader, src), str(src))
+    files = tokenizer_files(reader, src)
+
+    def write_tokenizer(d: Path) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (d / name).write_text(text, encoding="utf-8")
+
+    weights = GGUFWeights(reader, src, cfg.n_heads, cfg.n_kv_heads)
+    return convert_weights(cfg, weights, src, out, force, write_tokenizer)
+
+
+def main(args) -> int:
     if args.from_hf:
         out = from_hf(args.from_hf, args.out, args.force)
     elif args.to_hf:
         out = to_hf_dir(args.to_hf, args.out, args.force, args.max_shard_size)
     else:
-        from jaxft.gguf import from_gguf
         out = from_gguf(args.from_gguf, args.out, args.force)
     print(f"wrote {out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`jaxft convert ...` (tools/convert_hf.py): the CLI's one error handler applies."""
-    import sys
-
-    from jaxft.__main__ import main as cli
-    return cli(["convert", *(sys.argv[1:] if argv is None else argv)])

@@ -24,12 +24,18 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import grain
+import jax
 import numpy as np
 
-from jaxft.config import Config, ConfigError, DataConfig, data_path
+from jaxft import tasks
+from jaxft.config import Config, DataConfig, check_batch_split, data_path
+from jaxft.errors import ConfigError, DataError
+from jaxft.tasks.instruct import split_alpaca
+from jaxft.templates import get_template, tokenize_example
+from jaxft.tokenizer import load_tokenizer, train_sentencepiece
 
 LONGEST_MULTIPLE = 16  # `longest` rows are padded to a multiple of this many tokens
 PACKING_BINS = 64  # first-fit bins open at once; more bins fill rows more tightly
@@ -48,15 +54,6 @@ class DataStats:
     skipped_empty: int = 0  # records the reader skipped for an empty field
     padding_ratio: float | None = None  # padding share of this process's rows over one epoch
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _task_api():
-    # Imported late: the task readers pull in their own dependencies.
-    from jaxft import tasks
-    return tasks
-
 
 def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
     """Reads the train or valid records of cfg.data; returns (records, skipped_empty).
@@ -66,13 +63,12 @@ def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
     """
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
-    d, tasks = cfg.data, _task_api()
+    d = cfg.data
     if split == "valid" and d.valid_file:
         return tasks.read_records(d.task, data_path(cfg, d.valid_file), d.fields)
     records, skipped = tasks.read_records(d.task, data_path(cfg, d.train_file), d.fields)
     if not d.valid_file:
         if d.task in ("alpaca", "instruct"):
-            from jaxft.tasks.instruct import split_alpaca
             train, valid, _ = split_alpaca(records, d.seed)
         else:
             order = list(range(len(records)))
@@ -90,9 +86,6 @@ def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
 def build_tokenizer(cfg: Config, records: list[dict] | None = None):
     """The run's tokenizer: cfg.data.tokenizer, else the init checkpoint's, else one trained on
     the training text; the template's special tokens are added in every case."""
-    from jaxft.templates import get_template
-    from jaxft.tokenizer import load_tokenizer, train_sentencepiece
-
     d = cfg.data
     init_tok = Path(cfg.train.init).expanduser() / "tokenizer" if cfg.train.init else None
     if d.tokenizer:
@@ -122,8 +115,6 @@ def encode_records(tok, template, records: list[dict], d: DataConfig,
                    skipped_empty: int = 0) -> tuple[list[dict], DataStats]:
     """Tokenises records into {"ids", "mask"} int32 arrays, applying d.overlong and dropping
     examples left without a target token. Raises DataError when nothing is left."""
-    from jaxft.templates import tokenize_example
-
     stats = DataStats(skipped_empty=skipped_empty)
     keep = d.max_length + 1  # inputs and targets are both max_length after the shift
     out = []
@@ -147,7 +138,7 @@ def encode_records(tok, template, records: list[dict], d: DataConfig,
         stats.target_tokens += n_target
         out.append({"ids": ids, "mask": mask})
     if not out:
-        raise _task_api().DataError(
+        raise DataError(
             f"no examples left after filtering {len(records)} records (max_length="
             f"{d.max_length}, overlong={d.overlong}): {stats.truncated} truncated, "
             f"{stats.dropped} dropped, {stats.no_target} of them without a target token")
@@ -225,7 +216,7 @@ def _dataset(examples: list[dict], d: DataConfig, local_batch: int, *, train: bo
 class Loader:
     """Batches for one process. A train loader is one endless iterator: iterating it again
     continues where it stopped, and get_state()/set_state() save and restore that point (the
-    trainer also checkpoints `loader.iterator` with grain.checkpoint). An eval loader makes a
+    trainer keeps that state, as JSON, in every checkpoint). An eval loader makes a
     fresh in-order pass each time it is iterated, `num_batches` long on every process."""
 
     def __init__(self, make_dataset, stats_fn, *, train: bool, num_batches: int | None,
@@ -292,22 +283,17 @@ def make_loader(cfg: Config, tokenizer, records: list[dict], *, train: bool,
     process_index/process_count default to jax.process_index()/process_count(); each
     process reads only every process_count-th example, starting at its index.
     """
-    from jaxft.templates import get_template
-    import jax
-
     d = cfg.data
     if process_index is None:
         process_index = jax.process_index()
     if process_count is None:
         process_count = jax.process_count()
-    if d.batch_size % process_count:
-        raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of the "
-                          f"{process_count} processes")
+    check_batch_split(d.batch_size, processes=process_count)
     local_batch = d.batch_size // process_count
     template = get_template(d.template, include_instruction=d.include_instruction)
     examples, stats = encode_records(tokenizer, template, records, d, skipped_empty)
     if len(examples) < process_count:
-        raise _task_api().DataError(f"{len(examples)} examples cannot feed {process_count} processes")
+        raise DataError(f"{len(examples)} examples cannot feed {process_count} processes")
 
     def dataset(p=process_index, **kw):
         return _dataset(examples, d, local_batch, train=train, process_index=p,

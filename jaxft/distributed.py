@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from jaxft.config import ConfigError
+from jaxft.errors import ConfigError
 
 HEARTBEAT_S = 60  # a process silent this long counts as dead (JAX's default is 100 s)
 SHUTDOWN_S = 120  # how long a finished process waits for the others at exit (JAX: 300 s)
@@ -130,7 +131,6 @@ def barrier(name: str) -> None:
     """Waits until every process gets here (a no-op for one process); e.g. so that others
     read a file only after process 0 has written it."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -144,7 +144,6 @@ def max_over_processes(n: int) -> int:
     """The largest of every process's `n` (one collective: all processes must call it)."""
     if jax.process_count() == 1:
         return n
-    from jax.experimental import multihost_utils
     return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
@@ -153,7 +152,6 @@ def gather_json(obj) -> list:
     processes must call it together)."""
     if jax.process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils
     raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
     buf = np.zeros(int(sizes.max()), np.uint8)

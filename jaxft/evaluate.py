@@ -12,7 +12,14 @@ import json
 import sys
 from pathlib import Path
 
+from jaxft import data as jdata
+from jaxft.config import EvalConfig, load_config
 from jaxft.generate import generate_text
+from jaxft.judge import from_config
+from jaxft.modeldir import atomic_dir, check_output
+from jaxft.state import load
+from jaxft.tasks import STOPS, get_task
+from jaxft.templates import get_template, prompt_ids
 
 SHOT_SEPARATOR = "\n\n"  # ends each few-shot example before the next prompt
 
@@ -21,8 +28,6 @@ def few_shot_ids(tok, template, shots: list[dict], ex: dict) -> list[int]:
     """BOS, then each shot exactly as training shows it (prompt and response tokenised apart,
     then EOS) and a blank line, then the query prompt: a base model learns the format, and
     where to stop, from the examples in front of it."""
-    from jaxft.templates import prompt_ids
-
     head = prompt_ids(tok, template, ex)
     n_bos = int(tok.bos_id is not None)
     ids = head[:n_bos]
@@ -34,8 +39,6 @@ def few_shot_ids(tok, template, shots: list[dict], ex: dict) -> list[int]:
 
 def score_predictions(task: str, records: list[dict], raw: list[str]) -> tuple[list[dict], dict]:
     """Per-record rows and accuracy per metric; `correct` is the task's primary metric."""
-    from jaxft.tasks import get_task
-
     mod = get_task(task)
     if len(raw) != len(records):
         raise ValueError(f"{len(raw)} predictions for {len(records)} records")
@@ -68,8 +71,6 @@ def judge_rows(judge, records: list[dict], rows: list[dict], metrics: dict) -> N
 def write_results(out_dir, rows: list[dict], metrics: dict, force: bool = False) -> Path:
     """Writes predictions.jsonl and metrics.json into out_dir, atomically; an existing out_dir
     is only replaced with force."""
-    from jaxft.modeldir import atomic_dir
-
     with atomic_dir(out_dir, force) as tmp:
         with open(tmp / "predictions.jsonl", "w") as f:
             for row in rows:
@@ -84,9 +85,6 @@ def run_eval(model, tok, template, task: str, records: list[dict], *, limit: int
              stop_strings=None, **sampling) -> dict:
     """Generates for the first `limit` records (0: all), scores, optionally judges and writes
     results; returns the metrics."""
-    from jaxft.modeldir import check_output
-    from jaxft.tasks import STOPS
-
     if out_dir is not None:
         check_output(out_dir, force)  # fail before spending time on generation
     records = records[:limit] if limit else list(records)
@@ -154,15 +152,12 @@ def add_parser(subparsers) -> None:
                    "/v1/chat/completions endpoint scoring responses 0-100 (off when empty)")
     p.add_argument("--judge-model", default="llama3")
     p.add_argument("--judge-timeout", type=float, default=60.0)
-    p.set_defaults(func=_eval)  # jaxft.__main__ turns data/config errors into exit 2
+    p.set_defaults(func=main)
 
 
 def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0):
     """(records to evaluate, training records for shots), with the validation split the
     trainer uses when the task has no validation file."""
-    from jaxft import data as jdata
-    from jaxft.config import load_config
-
     train_file, valid_file = DEFAULT_FILES[task]
     if data and Path(data).expanduser().exists():  # a path as typed, not under the data root
         data = str(Path(data).expanduser().resolve())
@@ -173,18 +168,10 @@ def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0):
     return records, shot_records
 
 
-def _eval(args) -> int:
-    import jaxft
-    from jaxft.config import EvalConfig
-    from jaxft.judge import from_config
-    from jaxft.templates import get_template
-
+def main(args) -> int:
     if args.out:
-        from jaxft.modeldir import check_output
         check_output(args.out, args.force)
-    loaded = jaxft.load(args.ckpt)
-    if loaded.tokenizer is None:
-        raise FileNotFoundError(f"{args.ckpt}/tokenizer: the model directory has no tokenizer")
+    loaded = load(args.ckpt, need_tokenizer=True)
     template = get_template(args.template, include_instruction=args.include_instruction)
     records, shot_records = load_eval_records(args.task, args.data, args.shots)
     judge = from_config(EvalConfig(judge_url=args.judge_url, judge_model=args.judge_model,

@@ -18,6 +18,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxft import sharding
+from jaxft.state import load
+from jaxft.tasks import cut_at_stop
+from jaxft.templates import get_template, prompt_ids
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -234,19 +237,11 @@ def generate_no_cache(model, prompts: list[list[int]], max_new_tokens: int, *,
 
 # ---------------------------------------------------------------- text in, text out
 
-def cut_at_stop(text: str, stop_strings: Iterable[str]) -> str:
-    """`text` up to the earliest occurrence of any stop string."""
-    ends = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
-    return text[: min(ends)] if ends else text
-
-
 def generate_text(model, tok, template, records: list[dict], max_new_tokens: int,
                   stop_strings: Iterable[str] = (), *, batch_size: int = 8,
                   prompts: list[list[int]] | None = None, **sampling) -> list[str]:
     """The generated text for each record's prompt (tokenised as in training), cut at the first
     stop string. `prompts` overrides the token ids (few-shot prompts are built by the caller)."""
-    from jaxft.templates import prompt_ids
-
     if prompts is None:
         prompts = [prompt_ids(tok, template, ex) for ex in records]
     stop_strings = tuple(stop_strings)
@@ -271,18 +266,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_main)
+    p.set_defaults(func=main)
 
 
-def _main(args) -> int:
-    import jaxft
-
-    loaded = jaxft.load(args.ckpt)
+def main(args) -> int:
+    loaded = load(args.ckpt, need_tokenizer=True)
     tok = loaded.tokenizer
-    if tok is None:
-        raise FileNotFoundError(f"{args.ckpt}/tokenizer: the model directory has no tokenizer")
     if args.template:
-        from jaxft.templates import get_template, prompt_ids
         ex = {"instruction": args.prompt, "input": args.input, "output": ""}
         ids = prompt_ids(tok, get_template(args.template), ex)
     else:

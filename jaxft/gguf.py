@@ -1,7 +1,8 @@
-"""`jaxft convert --from-gguf`: a llama.cpp GGUF Llama file to a jaxft model directory.
+"""Reading a llama.cpp GGUF Llama file, for `jaxft convert --from-gguf` (`convert.from_gguf`).
 
 Tensors are dequantised to float32 one at a time with the `gguf` package (numpy only) and
-renamed to their HF names, so `jaxft.convert`'s key table does the rest. llama.cpp stores q/k
+renamed to their HF names, so `jaxft.convert`'s key table does the rest; the hparams come out
+as an HF config.json dict. llama.cpp stores q/k
 rows permuted for interleaved rope; `unpermute` puts them back in the half-rotation layout
 that HF and `jaxft.model` use. The tokenizer (byte-level BPE, `tokenizer.ggml.model = gpt2`)
 is rebuilt as an HF tokenizer.json + tokenizer_config.json from the file's metadata.
@@ -12,8 +13,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from gguf.quants import dequantize
 
-from jaxft.convert import ConvertError, config_from_hf, convert_weights
+from jaxft.errors import ConvertError
 
 # GGUF tensor name -> HF name ("{i}": layer index)
 NAMES = {
@@ -60,7 +62,6 @@ class GGUFWeights:
         self.path = path
 
     def get(self, name: str) -> np.ndarray:
-        from gguf.quants import dequantize
         t = self.tensors[self.where[name]]
         w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         kind = name.split(".")[-2]
@@ -125,23 +126,3 @@ def tokenizer_files(reader, path: Path) -> dict[str, str]:
               "chat_template": _field(reader, "tokenizer.chat_template", "") or None}
     return {"tokenizer.json": json.dumps(tok, ensure_ascii=False),
             "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
-
-
-def from_gguf(src: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Converts a llama.cpp GGUF Llama file into a jaxft model directory at `out`."""
-    from gguf import GGUFReader
-
-    src = Path(src)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such GGUF file")
-    reader = GGUFReader(src)
-    cfg = config_from_hf(config_from_gguf(reader, src), str(src))
-    files = tokenizer_files(reader, src)
-
-    def write_tokenizer(d: Path) -> None:
-        d.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (d / name).write_text(text, encoding="utf-8")
-
-    weights = GGUFWeights(reader, src, cfg.n_heads, cfg.n_kv_heads)
-    return convert_weights(cfg, weights, src, out, force, write_tokenizer)

@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from jaxft.config import EvalConfig
+from jaxft.errors import JudgeError
 
 PROMPT = (
     "You grade answers to instructions. Compare the model response with the reference answer "
@@ -24,10 +25,6 @@ PROMPT = (
     "Reply with the integer score only.")
 
 _SCORE = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
-
-
-class JudgeError(RuntimeError):
-    """The judge endpoint failed or replied with something that is not a score."""
 
 
 def parse_score(text: str) -> int | None:

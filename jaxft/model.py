@@ -5,13 +5,13 @@ Layers are stored stacked (a leading `layers` axis on every block param) and run
 in its `axes` metadata; `jaxft.sharding` maps them to mesh axes.
 
 Shape letters: B batch, L query length, S key length (cache slots), D model width, H query
-heads, K kv heads, G = H // K, E head width, F MLP width, V vocab, N layers.
+heads, K kv heads, G = H // K, E head width, F MLP width, V vocab, N layers. The matmul,
+attention and loss kernels live in `jaxft.kernels`.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,12 @@ from flax import nnx
 
 from jaxft import sharding
 from jaxft.config import ModelConfig
+from jaxft.kernels import CausalSegments, attention, linear
+
+# The params whose rows are the vocabulary (padded to `padded_vocab`), by their names in the
+# params dict (the attributes of `Llama`): converters, vocab growth and weight decay key on them.
+EMBED, LM_HEAD = "embed_VxD", "lm_head_VxD"
+VOCAB_PARAMS = (EMBED, LM_HEAD)
 
 Cache = dict[str, Any]  # k_NxBxSxKxE, v_NxBxSxKxE, segment_ids_BxS, index (int32 scalar)
 
@@ -76,63 +82,6 @@ def apply_rope(x_BxLxHxE: jax.Array, sin_BxLxE2, cos_BxLxE2) -> jax.Array:
 
 # ---------------------------------------------------------------- modules
 
-# Whether training takes the CPU kernels (`linear`'s VJP, `weight_grad`, the fused head+loss in
-# `jaxft.loss`); None: when the default backend is the CPU. `jaxft plan` compiles on fake CPU
-# devices for an accelerator, so it traces under `accelerator_kernels()`.
-CPU_KERNELS: bool | None = None
-
-
-def cpu_kernels() -> bool:
-    return jax.default_backend() == "cpu" if CPU_KERNELS is None else CPU_KERNELS
-
-
-@contextmanager
-def accelerator_kernels():
-    """Traces the accelerators' code path even on the CPU backend (e.g. to plan a TPU run)."""
-    global CPU_KERNELS
-    before, CPU_KERNELS = CPU_KERNELS, False
-    try:
-        yield
-    finally:
-        CPU_KERNELS = before
-
-
-def linear(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
-    """`x @ w` over the last axis. On CPU its weight gradient is a plain row-major matmul on an
-    explicit copy of x^T: XLA's CPU backend otherwise contracts over the token axis with a slow
-    transposed-operand kernel, which made a SwiGLU MLP's forward+backward ~30 % slower."""
-    if cpu_kernels():
-        return _linear_cpu(x_BxLxI, w_IxO)
-    return x_BxLxI @ w_IxO
-
-
-@jax.custom_vjp
-def _linear_cpu(x, w):
-    return x @ w
-
-
-def _linear_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def weight_grad(x_MxI: jax.Array, dy_MxO: jax.Array) -> jax.Array:
-    """x^T @ dy in float32, the weight gradient of `x @ w`, contracted over the M tokens."""
-    if cpu_kernels():
-        # The barrier keeps XLA from folding the transpose back into the dot's dimension numbers.
-        x_IxM = jax.lax.optimization_barrier(x_MxI.T)
-        return jnp.dot(x_IxM, dy_MxO, preferred_element_type=jnp.float32)
-    return jnp.einsum("mi,mo->io", x_MxI, dy_MxO, preferred_element_type=jnp.float32)
-
-
-def _linear_bwd(res, dy):
-    x, w = res
-    dw = weight_grad(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
-    return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
-
-
-_linear_cpu.defvjp(_linear_fwd, _linear_bwd)
-
-
 def rms_norm(x_BxLxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
     x = x_BxLxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
@@ -147,104 +96,6 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x_BxLxD):
         return rms_norm(x_BxLxD, self.weight[...], self.eps)
-
-
-_NEG = float(np.finfo(np.float32).min)
-Q_BLOCK = 128  # query rows per block of the causal path; keys past a block's last row are skipped
-
-
-class CausalSegments(NamedTuple):
-    """The training mask, kept implicit: query slot i sees key slot j iff j <= i and both carry
-    the same segment id (0 = padding). Keys are the queries' own slots (no cache)."""
-    segment_ids_BxL: jax.Array
-
-
-def _to_groups(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE):
-    """Heads to the front, [B, K, G, L, E]: XLA's CPU batched matmuls are much faster with the
-    batch dims leading than with them interleaved between the contracted ones."""
-    b, l, h, e = q_BxLxHxE.shape
-    kh = k_BxSxKxE.shape[2]
-    q_BxKxGxLxE = q_BxLxHxE.reshape(b, l, kh, h // kh, e).transpose(0, 2, 3, 1, 4)
-    return q_BxKxGxLxE, k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
-
-
-def _scores(q_BxKxGxLxE, k_BxKxSxE, ok_BxLxS):
-    s = jnp.einsum("bkgle,bkse->bkgls", q_BxKxGxLxE, k_BxKxSxE,
-                   preferred_element_type=jnp.float32) / math.sqrt(q_BxKxGxLxE.shape[-1])
-    return jnp.where(ok_BxLxS[:, None, None], s, _NEG)
-
-
-def _dense(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, mask_BxLxS):
-    p = jax.nn.softmax(_scores(q_BxKxGxLxE, k_BxKxSxE, mask_BxLxS), axis=-1)
-    return jnp.einsum("bkgls,bkse->bkgle", p.astype(v_BxKxSxE.dtype), v_BxKxSxE)
-
-
-def _blocks(l: int):
-    """(first row, end row) of each query block; block i attends to keys [0, end)."""
-    return [(lo, min(lo + Q_BLOCK, l)) for lo in range(0, l, Q_BLOCK)]
-
-
-def _block_mask(seg_BxL, lo: int, hi: int):
-    slot = jnp.arange(hi)
-    return ((seg_BxL[:, lo:hi, None] == seg_BxL[:, None, :hi])
-            & (slot[None, None, :] <= slot[None, lo:hi, None]))
-
-
-@jax.custom_vjp
-def _causal(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, seg_BxL):
-    return _causal_fwd(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, seg_BxL)[0]
-
-
-def _causal_fwd(q, k, v, seg_BxL):
-    outs, lses = [], []
-    for lo, hi in _blocks(q.shape[3]):
-        s = _scores(q[:, :, :, lo:hi], k[:, :, :hi], _block_mask(seg_BxL, lo, hi))
-        m = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.exp(s - m)
-        z = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.einsum("bkgls,bkse->bkgle", p.astype(v.dtype), v[:, :, :hi],
-                       preferred_element_type=jnp.float32) / z
-        outs.append(o.astype(v.dtype))
-        lses.append(m + jnp.log(z))
-    o_BxKxGxLxE = jnp.concatenate(outs, axis=3)
-    # Saved for the backward pass: inputs, output and the row log-sum-exp, not the L x S probs.
-    return o_BxKxGxLxE, (q, k, v, seg_BxL, o_BxKxGxLxE, jnp.concatenate(lses, axis=3))
-
-
-def _causal_bwd(res, do_BxKxGxLxE):
-    q, k, v, seg_BxL, o, lse = res
-    f32 = jnp.float32
-    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-    delta = jnp.sum(do_BxKxGxLxE.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
-    for lo, hi in _blocks(q.shape[3]):
-        q_b, do_b = q[:, :, :, lo:hi], do_BxKxGxLxE[:, :, :, lo:hi]
-        s = _scores(q_b, k[:, :, :hi], _block_mask(seg_BxL, lo, hi))
-        p = jnp.exp(s - lse[:, :, :, lo:hi])  # masked keys: exp(-inf) = 0
-        dv = dv.at[:, :, :hi].add(jnp.einsum("bkgls,bkgle->bkse", p.astype(do_b.dtype), do_b,
-                                             preferred_element_type=f32))
-        dp = jnp.einsum("bkgle,bkse->bkgls", do_b, v[:, :, :hi], preferred_element_type=f32)
-        ds = p * (dp - delta[:, :, :, lo:hi]) / math.sqrt(q.shape[-1])
-        ds = ds.astype(q.dtype)
-        dq.append(jnp.einsum("bkgls,bkse->bkgle", ds, k[:, :, :hi], preferred_element_type=f32))
-        dk = dk.at[:, :, :hi].add(jnp.einsum("bkgls,bkgle->bkse", ds, q_b,
-                                             preferred_element_type=f32))
-    dq = jnp.concatenate(dq, axis=3)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_causal.defvjp(_causal_fwd, _causal_bwd)
-
-
-def attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask) -> jax.Array:
-    """Softmax attention with GQA. `mask` is a bool [B, L, S], True where a query may see a key,
-    or CausalSegments (training: keys are the query slots, blocks past the diagonal skipped)."""
-    b, l, h, e = q_BxLxHxE.shape
-    q, k, v = _to_groups(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE)
-    if isinstance(mask, CausalSegments):
-        o_BxKxGxLxE = _causal(q, k, v, mask.segment_ids_BxL)
-    else:
-        o_BxKxGxLxE = _dense(q, k, v, mask)
-    return o_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
 
 
 class Attention(nnx.Module):

@@ -21,11 +21,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxft.config import ConfigError, ModelConfig, from_dict
-
-
-class OutputExistsError(FileExistsError):
-    """An output that exists and was not allowed to be overwritten."""
+from jaxft.config import ModelConfig, from_dict
+from jaxft.distributed import barrier
+from jaxft.errors import ConfigError, OutputExistsError
 
 
 def check_output(out: str | os.PathLike, force: bool) -> Path:
@@ -40,8 +38,6 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
     """Yields a temp dir beside `out`; on success it replaces `out`, on error it is removed.
     In a multi-process run every process gets the same temp dir (Orbax writes each process's
     shards into it) and only process 0 creates, renames or removes it."""
-    from jaxft.distributed import barrier
-
     out = check_output(out, force)
     primary = jax.process_index() == 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +83,8 @@ def save_params(d: Path, params: dict) -> None:
 def _handler(tree) -> ocp.StandardCheckpointHandler:
     """Orbax encodes every array it has in flight before writing, which for real weights (which
     do not compress) holds a second copy of the model in host memory. Capping the bytes in
-    flight at the largest array (Orbax refuses a cap below that) bounds the extra to one array:
-    saving 417 MiB of random fp32 weights in 12 arrays took 271 MiB extra, 8 MiB with the cap."""
+    flight at the largest array (Orbax refuses a cap below that) bounds the extra to one array
+    (figures in bench/RESULTS.md)."""
     largest = max((x.nbytes for x in jax.tree.leaves(tree)), default=1)
     return ocp.StandardCheckpointHandler(save_concurrent_gb=largest * 1.001 / 1e9 + 1e-3)
 
@@ -106,16 +102,3 @@ def save_model(out: str | os.PathLike, model, tokenizer=None, force: bool = Fals
             if tokenizer is not None:
                 tokenizer.save(tmp / "tokenizer")
     return Path(out)
-
-
-def load_model(d: str | os.PathLike, mesh=None, cfg: ModelConfig | None = None):
-    """Builds the model from DIR, each param restored straight into its shard on `mesh`."""
-    from jaxft import sharding
-    from jaxft.config import MeshConfig
-
-    cfg = cfg or read_config(d)
-    mesh = mesh or sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
-    graphdef, abs_state = sharding.abstract_model(cfg, mesh)
-    params = load_params(d, abs_state.to_pure_dict())
-    abs_state.replace_by_pure_dict(params)
-    return nnx.merge(graphdef, abs_state)

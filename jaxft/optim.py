@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxft.config import OptimConfig
+from jaxft.model import EMBED
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -33,7 +34,7 @@ def _decay_mask(cfg: OptimConfig):
     def mask(params):
         def one(path, _):
             name = jax.tree_util.keystr(path)
-            skip = "norm" in name or "embed_VxD" in name
+            skip = "norm" in name or EMBED in name
             return cfg.decay_norms_and_embeddings or not skip
         return jax.tree_util.tree_map_with_path(one, params)
     return mask

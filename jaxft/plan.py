@@ -13,12 +13,19 @@ import math
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+
+from jaxft import kernels, sharding, state
+from jaxft.config import MeshConfig, OptimConfig, check_batch_split, get_preset
+from jaxft.errors import ConfigError
+from jaxft.optim import make_optimizer
+from jaxft.train import compile_train_step
+
 GiB = 1024**3
 
 
-def parse_mesh(text: str):
-    from jaxft.config import ConfigError, MeshConfig
-
+def parse_mesh(text: str) -> MeshConfig:
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     for part in filter(None, text.split(",")):
         k, _, v = part.partition("=")
@@ -29,7 +36,6 @@ def parse_mesh(text: str):
 
 
 def _bytes_per_device(tree) -> int:
-    import jax
     total = 0
     for a in jax.tree.leaves(tree):
         shard = a.sharding.shard_shape(a.shape)
@@ -39,29 +45,22 @@ def _bytes_per_device(tree) -> int:
 
 def plan(preset: str, mesh_cfg, batch: int, seq: int, remat: str = "none",
          dtype: str = "bfloat16", grad_accum: int = 1) -> dict:
-    """Compiles the train step for abstract inputs and returns per-device byte counts."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxft import model, presets, sharding, state
-    from jaxft.config import OptimConfig
-    from jaxft.optim import make_optimizer
-    from jaxft.train import compile_train_step
-
-    cfg = dataclasses.replace(presets.get(preset), remat=remat, dtype=dtype,
-                              max_seq_len=max(seq, presets.get(preset).max_seq_len))
+    """Compiles the train step for abstract inputs and returns per-device byte counts, and the
+    param dims left replicated because their mesh axes do not divide them."""
+    cfg = dataclasses.replace(get_preset(preset), remat=remat, dtype=dtype,
+                              max_seq_len=max(seq, get_preset(preset).max_seq_len))
     n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
     if n > jax.device_count():
-        from jaxft.config import ConfigError
         raise ConfigError(f"mesh needs {n} devices, but {jax.device_count()} are available")
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n])
     layout = state.make_layout(cfg, mesh, make_optimizer(OptimConfig(), 1000))
     bsh = sharding.batch_sharding(mesh)
     abs_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bsh)
                  for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-    with model.accelerator_kernels():  # plan the accelerators' code path, not the CPU kernels
+    with kernels.kernel_path("accelerator"):  # plan what an accelerator runs, not the CPU kernels
         compiled = compile_train_step(layout, grad_accum).lower(
             layout.abs_params, layout.abs_opt, abs_batch).compile()
+    replicated = sharding.replicated_dims(state.abstract_model(cfg, mesh)[1], mesh)
     ma = compiled.memory_analysis()
     params_b, opt_b = _bytes_per_device(layout.abs_params), _bytes_per_device(layout.abs_opt)
     temp_b = int(ma.temp_size_in_bytes)
@@ -69,7 +68,8 @@ def plan(preset: str, mesh_cfg, batch: int, seq: int, remat: str = "none",
                - ma.alias_size_in_bytes + temp_b)
     return {"preset": preset, "mesh": dict(mesh.shape), "devices": mesh.size, "batch": batch,
             "seq": seq, "remat": remat, "dtype": dtype, "grad_accum": grad_accum,
-            "params_bytes": params_b, "opt_bytes": opt_b, "temp_bytes": temp_b, "peak_bytes": peak}
+            "params_bytes": params_b, "opt_bytes": opt_b, "temp_bytes": temp_b, "peak_bytes": peak,
+            "replicated": replicated}
 
 
 def _ensure_devices(n: int) -> None:
@@ -100,9 +100,7 @@ def main(args: argparse.Namespace) -> int:
     n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
     if sys.argv[1:2] == ["plan"]:
         _ensure_devices(n)
-    if args.grad_accum < 1 or args.batch % args.grad_accum:
-        from jaxft.config import ConfigError
-        raise ConfigError(f"--grad-accum {args.grad_accum} must be >= 1 and divide --batch {args.batch}")
+    check_batch_split(args.batch, grad_accum=args.grad_accum, names=("--batch", "--grad-accum"))
     r = plan(args.model, mesh_cfg, args.batch, args.seq, args.remat, args.dtype, args.grad_accum)
     print(f"{r['preset']} on mesh {r['mesh']} ({r['devices']} devices), batch {r['batch']} x "
           f"seq {r['seq']}" + (f" in {args.grad_accum} microbatches" if args.grad_accum > 1 else "")
@@ -111,6 +109,8 @@ def main(args: argparse.Namespace) -> int:
         label = {"params": "params", "opt": "optimizer state", "temp": "temporaries/activations",
                  "peak": "peak total"}[k]
         print(f"  {label:<26}{r[k + '_bytes'] / GiB:10.2f} GiB per device")
+    for name, shape, axis in r["replicated"]:
+        print(f"  replicated: {name} {list(shape)}: {axis!r} is not divisible by its mesh axes")
     for name, cap in (("v5e", 16), ("v5p", 95)):
         print(f"  fits in {name} ({cap} GiB): {'yes' if r['peak_bytes'] <= cap * GiB else 'no'}")
     return 0

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import jax
+import matplotlib
+from tqdm import tqdm
 
 
 class Report:
@@ -21,7 +23,6 @@ class Report:
         if not self.active:
             return
         if progress:
-            from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             file=sys.stderr, dynamic_ncols=True)
         if tensorboard:
@@ -75,9 +76,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_loss(metrics_path: Path, out_png: Path) -> None:
     """Train and val loss against steps and against tokens seen (ch07's figure, two panels)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display needed; set before pyplot loads
+    import matplotlib.pyplot as plt  # late: pyplot picks its backend when first imported
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if r.get("kind") == "train" and math.isfinite(r["loss"])]

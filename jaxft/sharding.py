@@ -1,22 +1,23 @@
 """The device mesh and THE logical-axis rules table: every sharding decision lives here.
 
 Params carry logical axis names (`axes` metadata, see `jaxft.model`); `RULES` maps each name to
-mesh axes. A logical dim whose size a mesh axis does not divide is replicated along that axis
-(e.g. SmolLM2's 3 kv heads on tensor=2).
+mesh axes. A name missing from `RULES` is an error. A logical dim whose size its mesh axes do not
+divide is replicated along them (e.g. SmolLM2's 3 kv heads on tensor=2); `replicated_dims` lists
+those, and the trainer and `jaxft plan` report them.
 """
 from __future__ import annotations
 
 import contextvars
 import math
 from contextlib import contextmanager
-from functools import partial
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxft.config import ConfigError, MeshConfig, ModelConfig
+from jaxft.config import MeshConfig
+from jaxft.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -64,18 +65,43 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def _mesh_axes(name: str | None, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that logical axis `name` is split over."""
+    if name is None:
+        return ()
+    if name not in RULES:
+        raise ValueError(f"logical axis {name!r} is not in sharding.RULES; "
+                         f"known axes: {', '.join(RULES)}")
+    rule = RULES[name]
+    mesh_axes = (rule,) if isinstance(rule, str) else (rule or ())
+    return tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+
+
 def spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
     """PartitionSpec for a value with logical `axes`; indivisible dims stay replicated."""
     out = []
     for name, size in zip(axes, shape):
-        rule = RULES.get(name) if name else None
-        mesh_axes = (rule,) if isinstance(rule, str) else (rule or ())
-        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+        mesh_axes = _mesh_axes(name, mesh)
         if not mesh_axes or size % math.prod(mesh.shape[a] for a in mesh_axes):
             out.append(None)
         else:
             out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return P(*out)
+
+
+def replicated_dims(state, mesh: Mesh) -> list[tuple[str, tuple[int, ...], str]]:
+    """(param name, shape, logical axis) of every param dim that its rule would shard but whose
+    size the mesh axes do not divide: those dims are whole on every device."""
+    found = []
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]
+    for path, v in flat:
+        axes = v.get_metadata().get("axes") or (None,) * v.ndim
+        for name, size in zip(axes, v.shape):
+            mesh_axes = _mesh_axes(name, mesh)
+            if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes):
+                found.append((jax.tree_util.keystr(path, simple=True, separator="."),
+                              tuple(v.shape), name))
+    return found
 
 
 # The mesh activations are pinned to while a step is traced (see `activation_mesh`).
@@ -121,32 +147,3 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def init_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
-    """Builds a Llama whose params are created directly in their shards: the abstract shape
-    gives the shardings, and a jitted init writes each shard on its own device."""
-    from jaxft.model import Llama
-
-    abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(seed)))
-    graphdef, abs_state = nnx.split(abstract)
-    shardings = state_shardings(abs_state, mesh)
-
-    @partial(jax.jit, out_shardings=shardings)
-    def init():
-        return nnx.split(Llama(cfg, nnx.Rngs(seed)))[1]
-
-    return nnx.merge(graphdef, init())
-
-
-def abstract_model(cfg: ModelConfig, mesh: Mesh):
-    """The model as ShapeDtypeStructs carrying their target shardings (for restore and plan)."""
-    from jaxft.model import Llama
-
-    abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
-    graphdef, abs_state = nnx.split(abstract)
-    sh = state_shardings(abs_state, mesh)
-    abs_state = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())),
-        abs_state, sh, is_leaf=_is_var)
-    return graphdef, abs_state

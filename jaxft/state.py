@@ -1,4 +1,5 @@
-"""The train state and where it lives: params (a pure dict of arrays), optimizer state, step.
+"""Models and train state, and where they live: params (a pure dict of arrays), optimizer
+state, step. The one place that builds a `Llama`, abstract or real.
 
 Everything is created or restored directly into its shards: shapes come from `eval_shape`,
 shardings from `jaxft.sharding`, values from a jitted init, a checkpoint, or a model dir.
@@ -6,8 +7,11 @@ shardings from `jaxft.sharding`, values from a jitted init, a checkpoint, or a m
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,8 +21,81 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxft import modeldir, sharding
-from jaxft.config import Config, ConfigError, ModelConfig
-from jaxft.model import Llama, padded_vocab
+from jaxft.config import Config, MeshConfig, ModelConfig
+from jaxft.errors import ConfigError
+from jaxft.model import VOCAB_PARAMS, Llama, padded_vocab
+from jaxft.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("jaxft")
+
+
+# ---------------------------------------------------------------- building the model
+
+def abstract_state(cfg: ModelConfig):
+    """(graphdef, state of ShapeDtypeStructs) of a Llama, without allocating a weight."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The params dict as ShapeDtypeStructs, straight from the model definition."""
+    return abstract_state(cfg)[1].to_pure_dict()
+
+
+def init_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> Llama:
+    """Builds a Llama whose params are created directly in their shards: the abstract shape
+    gives the shardings, and a jitted init writes each shard on its own device."""
+    graphdef, abs_state = abstract_state(cfg)
+    shardings = sharding.state_shardings(abs_state, mesh)
+
+    @partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.split(Llama(cfg, nnx.Rngs(seed)))[1]
+
+    return nnx.merge(graphdef, init())
+
+
+def abstract_model(cfg: ModelConfig, mesh: Mesh):
+    """The model as ShapeDtypeStructs carrying their target shardings (for restore and plan)."""
+    graphdef, abs_state = abstract_state(cfg)
+    sh = sharding.state_shardings(abs_state, mesh)
+    abs_state = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())),
+        abs_state, sh, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, abs_state
+
+
+def load_model(d: str | os.PathLike, mesh: Mesh | None = None,
+               cfg: ModelConfig | None = None) -> Llama:
+    """Builds the model from a model dir, each param restored straight into its shard on `mesh`
+    (default: the first device)."""
+    cfg = cfg or modeldir.read_config(d)
+    mesh = mesh or sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    graphdef, abs_state = abstract_model(cfg, mesh)
+    abs_state.replace_by_pure_dict(modeldir.load_params(d, abs_state.to_pure_dict()))
+    return nnx.merge(graphdef, abs_state)
+
+
+@dataclass
+class Loaded:
+    model: Llama  # model(ids_BxL) -> logits [B, L, V]
+    tokenizer: Tokenizer | None  # None if the dir has none
+    config: ModelConfig
+
+
+def load(path: str | os.PathLike, mesh: Mesh | None = None, *,
+         need_tokenizer: bool = False) -> Loaded:
+    """Loads a model directory (from `jaxft convert` or a training run's export); with
+    `need_tokenizer`, a dir without one is an error that says so."""
+    cfg = modeldir.read_config(path)
+    tok_dir = Path(path) / "tokenizer"
+    if need_tokenizer and not tok_dir.is_dir():
+        raise FileNotFoundError(f"{tok_dir}: the model directory has no tokenizer")
+    model = load_model(path, mesh, cfg)
+    tok = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+    return Loaded(model=model, tokenizer=tok, config=cfg)
+
+
+# ---------------------------------------------------------------- train state
 
 
 @dataclass
@@ -35,7 +112,10 @@ class Layout:
 
 
 def make_layout(cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation) -> Layout:
-    graphdef, abs_state = sharding.abstract_model(cfg, mesh)
+    graphdef, abs_state = abstract_model(cfg, mesh)
+    for name, shape, axis in sharding.replicated_dims(abs_state, mesh):
+        log.warning("%s %s: its %r dim is not divisible by mesh axes %s, so it is replicated "
+                    "on every device", name, list(shape), axis, sharding.RULES[axis])
     abs_params = abs_state.to_pure_dict()
     params_sh = jax.tree.map(lambda a: a.sharding, abs_params)
     abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -75,7 +155,7 @@ def grow_vocab(params: dict, old: ModelConfig, new: ModelConfig, params_sh: dict
     @partial(jax.jit, out_shardings=params_sh)
     def f(p):
         p = dict(p)
-        for k in ("embed_VxD", "lm_head_VxD"):
+        for k in VOCAB_PARAMS:
             if k in p:
                 p[k] = grow(p[k])
         return p
@@ -89,7 +169,7 @@ def pretrained_params(init_dir: str, cfg: ModelConfig, mesh: Mesh, params_sh: di
     if base.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{init_dir}: its vocab ({base.vocab_size}) is larger than the tokenizer's "
                           f"({cfg.vocab_size})")
-    _, abs_state = sharding.abstract_model(base, mesh)
+    _, abs_state = abstract_model(base, mesh)
     params = modeldir.load_params(init_dir, abs_state.to_pure_dict())
     if base.vocab_size == cfg.vocab_size:
         return params

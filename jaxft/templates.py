@@ -20,13 +20,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from jaxft.errors import TemplateError
+
 FIELDS = ("instruction", "input", "output")
 TRAIN_ON = ("response", "all")
 SEED_MARKERS = ("<START_Q>", "<END_Q>", "<START_A>", "<END_A>")
-
-
-class TemplateError(ValueError):
-    """A template file or a record that does not fit its template."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFCore
 
-from jaxft.modeldir import OutputExistsError
+from jaxft.errors import OutputExistsError
 
 SP_FILE, HF_FILE, CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 _USER_DEFINED = sp_pb.ModelProto.SentencePiece.USER_DEFINED

@@ -6,12 +6,15 @@ in/out shardings and donation. Re-running the same command resumes from the run 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
-import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +24,15 @@ import yaml
 from flax import nnx
 
 from jaxft import checkpoint, config as config_lib, data, distributed, modeldir, sharding, state
-from jaxft.config import Config, ConfigError
+from jaxft.config import Config, check_batch_split
+from jaxft.errors import ConfigError
+from jaxft.evaluate import TaskEvaluator
 from jaxft.loss import batch_loss_sum
 from jaxft.model import param_count
 from jaxft.optim import make_optimizer, schedule
 from jaxft.report import Report, read_metrics
+from jaxft.templates import get_template
+from jaxft.tokenizer import load_tokenizer
 
 # Keys that may change between a run and its resumption; anything else must match.
 RESUMABLE_CHANGES = {"train.steps", "train.time_limit_s", "train.progress", "train.log_every",
@@ -102,14 +109,16 @@ def flops_per_token(cfg, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
 
 
-def peak_flops() -> float:
+def peak_flops() -> float | None:
+    """Peak FLOP/s of one device: $JAXFT_PEAK_FLOPS, else the table's entry for the device
+    kind (or platform), else None: an unknown device gets no MFU rather than a wrong one."""
     if os.environ.get("JAXFT_PEAK_FLOPS"):
         return float(os.environ["JAXFT_PEAK_FLOPS"])
-    kind = jax.devices()[0].device_kind
+    dev = jax.devices()[0]
     for name, v in PEAK_FLOPS.items():
-        if name.lower() in kind.lower() or jax.devices()[0].platform == name:
+        if name.lower() in dev.device_kind.lower() or dev.platform == name:
             return v
-    return PEAK_FLOPS["cpu"]
+    return None
 
 
 def eval_loss(eval_step, params, loader, mesh, max_batches: int) -> float:
@@ -147,164 +156,226 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
         saved_path.write_text(yaml.safe_dump(new, sort_keys=False))
 
 
-class _Stop:
-    """SIGTERM (TPU preemption) asks the loop to save at the next step boundary and exit 0."""
-    requested = False
+@dataclass
+class Run:
+    """Everything a prepared run holds: its static parts, then the state the loop advances."""
+    cfg: Config  # the run's own copy, with the model config it resolved
+    run_dir: Path
+    mesh: Any
+    tok: Any
+    layout: state.Layout
+    loader: data.Loader
+    vloader: data.Loader | None
+    ckpts: checkpoint.Checkpoints
+    report: Report
+    step_fn: Any
+    eval_fn: Any
+    task_eval: Any
+    params: dict
+    opt_state: Any
+    rng: jax.Array
+    step: int
+    resumed: bool
+    best: float = math.inf  # lowest validation loss so far
+    since_best: int = 0  # evals since it
+    tokens_seen: int = 0
+    last_eval: int = -1
+    last_loss: float = float("nan")
+    lr_at: Any = None  # step -> learning rate, for the log
+    flops_per_row: float = 0.0  # training FLOPs per token slot, for MFU
+    peak_flops: float | None = None  # of all devices; None: no MFU is logged
 
-    def __call__(self, signum, frame):
-        _Stop.requested = True
+    def save(self, wait: bool = False) -> None:
+        if self.step in self.ckpts.steps():  # already saved at this step (ckpt_every hit the end)
+            return self.ckpts.wait() if wait else None
+        rep = sharding.replicated(self.mesh)
+        self.ckpts.save(self.step, {"params": self.params, "opt": self.opt_state, "rng": self.rng,
+                                    "step": distributed.replicate(np.int32(self.step), rep)},
+                        self.loader.get_state(), wait=wait)
+
+    def model(self):
+        return nnx.merge(self.layout.graphdef, self.params)
+
+    def evaluate(self) -> None:
+        """Validation loss (and task accuracy when due); keeps best/ at the lowest loss."""
+        self.last_eval = self.step
+        rec = {"kind": "eval", "step": self.step, "tokens_seen": self.tokens_seen}
+        if self.eval_fn is not None:
+            rec["val_loss"] = eval_loss(self.eval_fn, self.params, self.vloader, self.mesh,
+                                        self.cfg.train.eval_batches)
+        if self.task_eval is not None and self.step % self.cfg.eval.every == 0:
+            rec.update(self.task_eval.run(self.model()))
+        self.report.log(rec)
+        self.report.message("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in rec.items() if k != "kind"))
+        if rec.get("val_loss", math.inf) < self.best:
+            self.best, self.since_best = rec["val_loss"], 0
+            modeldir.save_model(self.run_dir / "best", self.model(), self.tok, force=True)
+        elif "val_loss" in rec:
+            self.since_best += 1
+
+    def train_step(self, batch: dict, seconds: float) -> float:
+        """Runs one optimizer step on this process's `batch` and logs it; returns the loss."""
+        self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state,
+                                                      to_global(batch, self.mesh))
+        loss = float(m["loss"])
+        self.step += 1
+        if not math.isfinite(loss):
+            return loss
+        self.last_loss = loss
+        self.tokens_seen += int(m["tokens"])
+        nonpad = int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+        if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.steps:
+            rec = {"kind": "train", "step": self.step, "loss": loss, "tokens": int(m["tokens"]),
+                   "tokens_seen": self.tokens_seen, "lr": float(self.lr_at(self.step - 1)),
+                   "grad_norm": float(m["grad_norm"]), "tok_s": nonpad / seconds}
+            if self.peak_flops:
+                rows = batch["inputs"].size * jax.process_count()
+                rec["mfu"] = self.flops_per_row * rows / seconds / self.peak_flops
+            self.report.log(rec)
+        self.report.progress(self.step, loss, nonpad / seconds)
+        return loss
 
 
-def run(cfg: Config, run_dir: str | Path) -> int:
-    run_dir = Path(run_dir)
-    mesh = sharding.make_mesh(cfg.mesh)  # a mesh/device mismatch fails before any compile
-    n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.data.batch_size % (n_dp * cfg.optim.grad_accum):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by data*fsdp "
-                          f"({n_dp}) times optim.grad_accum ({cfg.optim.grad_accum})")
-    train_records, _ = data.load_split(cfg, "train")
-    valid_records = data.load_split(cfg, "valid")[0] if cfg.train.eval_every else []
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _run_tokenizer(cfg: Config, run_dir: Path, train_records: list[dict]):
+    """The run dir's tokenizer on a resume, else a new one saved there."""
     tok_dir = run_dir / "tokenizer"
     if tok_dir.is_dir():
-        from jaxft.tokenizer import load_tokenizer
-        tok = load_tokenizer(tok_dir)
-    else:
-        tok = data.build_tokenizer(cfg, train_records)
-        if jax.process_index() == 0:
-            tok.save(tok_dir)
+        return load_tokenizer(tok_dir)
+    tok = data.build_tokenizer(cfg, train_records)
+    if jax.process_index() == 0:
+        tok.save(tok_dir)
     distributed.barrier("tokenizer saved")  # the others may read tok_dir on a resume
-    mcfg = state.model_config(cfg, len(tok))
-    cfg.model = mcfg
-    check_resume_config(run_dir, cfg)
+    return tok
 
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    lr_at = schedule(cfg.optim, cfg.train.steps)
-    layout = state.make_layout(mcfg, mesh, tx)
-    loader = data.make_loader(cfg, tok, train_records, train=True)
-    ckpts = checkpoint.Checkpoints(run_dir / "ckpt", keep=cfg.train.keep)
-    rep = sharding.replicated(mesh)
+
+def _restore_or_init(cfg: Config, layout: state.Layout, ckpts, loader) -> tuple:
+    """(step, params, opt_state, rng, resumed) from the newest good checkpoint, else fresh."""
+    rep = sharding.replicated(layout.mesh)
     abstract = {"params": layout.abs_params, "opt": layout.abs_opt,
                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
                 "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
     restored = ckpts.restore_latest(abstract)
     if restored:
         step, st, data_state = restored
-        params, opt_state, rng = st["params"], st["opt"], st["rng"]
         loader.set_state(data_state)
-    else:
-        step = 0
-        rng = distributed.replicate(jax.random.key_data(jax.random.PRNGKey(cfg.train.seed)), rep)
-        params = (state.pretrained_params(cfg.train.init, mcfg, mesh, layout.params_sh)
-                  if cfg.train.init else state.init_params(layout, cfg.train.seed))
-        opt_state = state.init_opt(layout, params)
+        return step, st["params"], st["opt"], st["rng"], True
+    rng = distributed.replicate(jax.random.key_data(jax.random.PRNGKey(cfg.train.seed)), rep)
+    params = (state.pretrained_params(cfg.train.init, layout.cfg, layout.mesh, layout.params_sh)
+              if cfg.train.init else state.init_params(layout, cfg.train.seed))
+    return 0, params, state.init_opt(layout, params), rng, False
 
-    report = Report(run_dir, cfg.train.steps, step, cfg.train.progress, cfg.train.tensorboard)
-    report.truncate_after(step)
-    history = read_metrics(report.path) if report.path.exists() else []
-    vals = [r["val_loss"] for r in history if r.get("kind") == "eval" and "val_loss" in r]
-    best, since_best = (min(vals), len(vals) - 1 - int(np.argmin(vals))) if vals else (math.inf, 0)
-    tokens_seen = max([r.get("tokens_seen", 0) for r in history] or [0])
-    report.message(f"jaxft: {param_count(mcfg) / 1e6:.1f}M params on mesh {dict(mesh.shape)}; "
-                   f"{'resuming at step ' + str(step) if restored else 'starting'}; run dir {run_dir}")
 
-    step_fn = compile_train_step(layout, cfg.optim.grad_accum)
+def _resume_history(r: Run) -> None:
+    """Best val loss, evals since it and tokens seen, from the metrics of the restored steps."""
+    r.report.truncate_after(r.step)
+    history = read_metrics(r.report.path) if r.report.path.exists() else []
+    vals = [x["val_loss"] for x in history if x.get("kind") == "eval" and "val_loss" in x]
+    if vals:
+        r.best, r.since_best = min(vals), len(vals) - 1 - int(np.argmin(vals))
+    r.tokens_seen = max([x.get("tokens_seen", 0) for x in history] or [0])
+
+
+def prepare(cfg: Config, run_dir: str | Path) -> Run:
+    """Mesh, data, tokenizer, layout, compiled steps, and the state restored or initialised."""
+    run_dir = Path(run_dir)
+    mesh = sharding.make_mesh(cfg.mesh)  # a mesh/device mismatch fails before any compile
+    check_batch_split(cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
+                      data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
+    train_records, _ = data.load_split(cfg, "train")
+    valid_records = data.load_split(cfg, "valid")[0] if cfg.train.eval_every else []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok = _run_tokenizer(cfg, run_dir, train_records)
+    cfg = dataclasses.replace(cfg, model=state.model_config(cfg, len(tok)))
+    check_resume_config(run_dir, cfg)
+    layout = state.make_layout(cfg.model, mesh, make_optimizer(cfg.optim, cfg.train.steps))
+    loader = data.make_loader(cfg, tok, train_records, train=True)
+    ckpts = checkpoint.Checkpoints(run_dir / "ckpt", keep=cfg.train.keep)
+    step, params, opt_state, rng, resumed = _restore_or_init(cfg, layout, ckpts, loader)
     eval_fn = compile_eval_step(layout) if cfg.train.eval_every else None
-    # Encoded once; each iteration of an eval loader is a fresh in-order pass.
-    vloader = data.make_loader(cfg, tok, valid_records, train=False) if eval_fn else None
-    task_eval = _task_evaluator(cfg, tok)
-    signal.signal(signal.SIGTERM, _Stop())
-    fpt, peak = flops_per_token(mcfg, cfg.data.max_length), peak_flops() * jax.device_count()
+    r = Run(cfg, run_dir, mesh, tok, layout, loader,
+            data.make_loader(cfg, tok, valid_records, train=False) if eval_fn else None, ckpts,
+            Report(run_dir, cfg.train.steps, step, cfg.train.progress, cfg.train.tensorboard),
+            compile_train_step(layout, cfg.optim.grad_accum), eval_fn, _task_evaluator(cfg, tok),
+            params, opt_state, rng, step, resumed)
+    r.lr_at = schedule(cfg.optim, cfg.train.steps)
+    r.flops_per_row = flops_per_token(cfg.model, cfg.data.max_length)
+    peak = peak_flops()
+    r.peak_flops = peak * jax.device_count() if peak else None
+    _resume_history(r)
+    return r
 
-    def save(wait=False):
-        if step in ckpts.steps():  # already saved at this step (e.g. ckpt_every hit the end)
-            return ckpts.wait() if wait else None
-        ckpts.save(step, {"params": params, "opt": opt_state, "rng": rng,
-                          "step": distributed.replicate(np.int32(step), rep)},
-                   loader.get_state(), wait=wait)
 
-    last_eval = -1
-
-    def evaluate():
-        nonlocal best, since_best, last_eval
-        last_eval = step
-        rec = {"kind": "eval", "step": step, "tokens_seen": tokens_seen}
-        if eval_fn is not None:
-            rec["val_loss"] = eval_loss(eval_fn, params, vloader, mesh, cfg.train.eval_batches)
-        if task_eval is not None and cfg.eval.every and step % cfg.eval.every == 0:
-            rec.update(task_eval.run(nnx.merge(layout.graphdef, params)))
-        report.log(rec)
-        report.message("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                 for k, v in rec.items() if k != "kind"))
-        if rec.get("val_loss", math.inf) < best:
-            best, since_best = rec["val_loss"], 0
-            modeldir.save_model(run_dir / "best", nnx.merge(layout.graphdef, params), tok, force=True)
-        elif "val_loss" in rec:
-            since_best += 1
-
-    it = iter(loader)
-    t_last, status, last_loss = time.perf_counter(), 0, float("nan")
-    t_start = time.perf_counter()
-    while step < cfg.train.steps:
+def train_loop(r: Run, stop: threading.Event) -> str:
+    """Steps until the run ends; returns why: done, early, time, sigterm or nan."""
+    t = r.cfg.train
+    it = iter(r.loader)
+    t_start = t_last = time.perf_counter()
+    while r.step < t.steps:
         batch = next(it)
-        nonpad = int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
-        params, opt_state, m = step_fn(params, opt_state, to_global(batch, mesh))
-        loss = float(m["loss"])
-        step += 1
+        loss = r.train_step(batch, time.perf_counter() - t_last)
+        t_last = time.perf_counter()
         if not math.isfinite(loss):
-            good = ckpts.steps()
-            report.message(f"jaxft: loss is {loss} at step {step}; stopping. The last good "
-                           f"checkpoint is {'step ' + str(good[-1]) if good else 'none'} in {ckpts.dir}")
-            status = 1
-            break
-        last_loss = loss
-        tokens_seen += int(m["tokens"])
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            rows = batch["inputs"].size * jax.process_count()
-            report.log({"kind": "train", "step": step, "loss": loss, "tokens": int(m["tokens"]),
-                        "tokens_seen": tokens_seen, "lr": float(lr_at(step - 1)),
-                        "grad_norm": float(m["grad_norm"]), "tok_s": nonpad / dt,
-                        "mfu": fpt * rows / dt / peak})
-        report.progress(step, loss, nonpad / dt)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            evaluate()
-            if cfg.train.patience and since_best >= cfg.train.patience:
-                report.message(f"jaxft: early stop at step {step}: no val improvement in "
-                               f"{since_best} evals (best {best:.4f})")
-                break
-        if _Stop.requested:
-            save(wait=True)
-            report.message(f"jaxft: SIGTERM: saved step {step} to {ckpts.dir}; exiting")
-            ckpts.close()
-            report.close()
-            return 0
-        if cfg.train.time_limit_s and now - t_start > cfg.train.time_limit_s:
-            report.message(f"jaxft: time limit {cfg.train.time_limit_s:.0f}s reached at step {step}")
-            break
-        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
-            save()
-    if status == 0:
-        if cfg.train.eval_every and last_eval != step:
-            evaluate()
-        save(wait=True)
-        modeldir.save_model(run_dir / "final", nnx.merge(layout.graphdef, params), tok, force=True)
-    ckpts.close()
-    report.close()
-    if status == 0:
-        report.message(f"jaxft: done at step {step}: train loss {last_loss:.4f}"
-                       + (f", best val loss {best:.4f}" if math.isfinite(best) else "")
-                       + f". Outputs in {run_dir}: metrics.jsonl, loss.png, final/"
-                       + (", best/" if math.isfinite(best) else ""))
+            return "nan"
+        if t.eval_every and r.step % t.eval_every == 0:
+            r.evaluate()
+            if t.patience and r.since_best >= t.patience:
+                return "early"
+        if stop.is_set():
+            return "sigterm"
+        if t.time_limit_s and t_last - t_start > t.time_limit_s:
+            return "time"
+        if t.ckpt_every and r.step % t.ckpt_every == 0:
+            r.save()
+    return "done"
+
+
+def finish(r: Run, why: str) -> tuple[int, str]:
+    """Saves what the way the loop ended calls for; returns (exit status, closing line)."""
+    if why == "nan":
+        good = r.ckpts.steps()
+        return 1, (f"jaxft: loss is not finite at step {r.step}; stopping. The last good "
+                   f"checkpoint is {'step ' + str(good[-1]) if good else 'none'} in {r.ckpts.dir}")
+    if why == "sigterm":
+        r.save(wait=True)
+        return 0, f"jaxft: SIGTERM: saved step {r.step} to {r.ckpts.dir}; exiting"
+    if why == "early":
+        r.report.message(f"jaxft: early stop at step {r.step}: no val improvement in "
+                         f"{r.since_best} evals (best {r.best:.4f})")
+    elif why == "time":
+        r.report.message(f"jaxft: time limit {r.cfg.train.time_limit_s:.0f}s reached at step {r.step}")
+    if r.cfg.train.eval_every and r.last_eval != r.step:
+        r.evaluate()
+    r.save(wait=True)
+    modeldir.save_model(r.run_dir / "final", r.model(), r.tok, force=True)
+    best = math.isfinite(r.best)
+    return 0, (f"jaxft: done at step {r.step}: train loss {r.last_loss:.4f}"
+               + (f", best val loss {r.best:.4f}" if best else "")
+               + f". Outputs in {r.run_dir}: metrics.jsonl, loss.png, final/"
+               + (", best/" if best else ""))
+
+
+def run(cfg: Config, run_dir: str | Path) -> int:
+    """Trains (or resumes) the run in `run_dir`; SIGTERM saves at the next step and exits 0."""
+    r = prepare(cfg, run_dir)
+    r.report.message(f"jaxft: {param_count(r.cfg.model) / 1e6:.1f}M params on mesh "
+                     f"{dict(r.mesh.shape)}; {'resuming at step ' + str(r.step) if r.resumed else 'starting'}"
+                     f"; run dir {r.run_dir}")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        status, closing = finish(r, train_loop(r, stop))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        r.ckpts.close()
+        r.report.close()
+    r.report.message(closing)
     return status
 
 
 def _task_evaluator(cfg: Config, tok):
     if not (cfg.eval.task and cfg.eval.every):
         return None
-    from jaxft.evaluate import TaskEvaluator
-    from jaxft.templates import get_template
     records, _ = data.load_split(cfg, "valid")
     template = get_template(cfg.data.template, cfg.data.include_instruction)
     return TaskEvaluator(tok, template, cfg.eval.task, records, cfg.eval.n,
@@ -327,7 +398,3 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / Path(args.config).stem)
     return run(cfg, out)
 
-
-if __name__ == "__main__":
-    from jaxft.__main__ import main as cli
-    sys.exit(cli(["train", *sys.argv[1:]]))

@@ -23,8 +23,8 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from jaxft import presets
-    return dataclasses.replace(presets.get("tiny"))
+    from jaxft.config import get_preset
+    return dataclasses.replace(get_preset("tiny"))
 
 
 @pytest.fixture(scope="session")

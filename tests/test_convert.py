@@ -12,6 +12,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from jaxft import convert, modeldir
+from jaxft.__main__ import main as cli
 
 HF_KW = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -196,7 +197,7 @@ BAD = {
 def test_bad_input_names_the_tensor_and_writes_nothing(hf_dir, tmp_path, capsys, case):
     src = tmp_path / "nowhere" if case == "no-dir" else _broken(hf_dir, tmp_path / "src", BAD[case][0])
     out = tmp_path / "out" / "ckpt"
-    assert convert.main(["--from-hf", str(src), "--out", str(out)]) == 2
+    assert cli(["convert", "--from-hf", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert (f"{src}: no such HF model directory" if case == "no-dir" else BAD[case][1]) in err
     assert not out.exists() and not any((tmp_path / "out").glob("*"))
@@ -209,9 +210,9 @@ def test_existing_output_needs_force(hf_dir, ckpt, tmp_path, capsys, direction):
     (out / "keep.txt").write_text("mine")
     src = hf_dir if direction == "from-hf" else ckpt
     argv = [f"--{direction}", str(src), "--out", str(out)]
-    assert convert.main(argv) == 2
+    assert cli(["convert", *argv]) == 2
     assert "--force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
-    assert convert.main(argv + ["--force"]) == 0
+    assert cli(["convert", *argv, "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
@@ -268,7 +269,7 @@ def test_gguf_import_matches_transformers_gguf_loader(tmp_path):
     import jax
     import jaxft
     out = tmp_path / "smol"
-    assert convert.main(["--from-gguf", str(gguf_file), "--out", str(out)]) == 0
+    assert cli(["convert", "--from-gguf", str(gguf_file), "--out", str(out)]) == 0
     loaded = jaxft.load(out)
     assert (loaded.config.n_heads, loaded.config.n_kv_heads, loaded.config.tie_embeddings) == (9, 3, True)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -287,5 +288,5 @@ def test_gguf_import_matches_transformers_gguf_loader(tmp_path):
 
 
 def test_gguf_missing_file_is_a_clear_error(tmp_path, capsys):
-    assert convert.main(["--from-gguf", str(tmp_path / "no.gguf"), "--out", str(tmp_path / "o")]) == 2
+    assert cli(["convert", "--from-gguf", str(tmp_path / "no.gguf"), "--out", str(tmp_path / "o")]) == 2
     assert "no such GGUF file" in capsys.readouterr().err and not (tmp_path / "o").exists()

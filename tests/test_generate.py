@@ -8,7 +8,8 @@ from flax import nnx
 from jaxft.config import MeshConfig
 from jaxft.generate import bucket, cut_at_stop, generate, generate_no_cache, left_pad, sample_logits
 from jaxft.model import Llama
-from jaxft.sharding import init_model, make_mesh
+from jaxft.sharding import make_mesh
+from jaxft.state import init_model
 
 PROMPTS = [[1, 5, 9, 33, 2], [1, 7], [1, 100, 200, 300, 400, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
 NEW = 10

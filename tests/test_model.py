@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxft import convert, modeldir, sharding
+from jaxft import convert, modeldir, sharding, state
 from jaxft.config import MeshConfig
 from jaxft.loss import batch_loss_sum
 
@@ -42,7 +42,7 @@ def to_jaxft(m, tmp, **cfg_changes):
     m.save_pretrained(tmp / "hf")
     convert.from_hf(tmp / "hf", tmp / "jx")
     cfg = dataclasses.replace(modeldir.read_config(tmp / "jx"), **cfg_changes)
-    return modeldir.load_model(tmp / "jx", cfg=cfg)
+    return state.load_model(tmp / "jx", cfg=cfg)
 
 
 @nnx.jit
@@ -96,7 +96,7 @@ def test_sharded_forward_matches_single_device(base, axes, wq_spec, embed_spec):
     ckpt, single, _ = base
     want = np.asarray(forward(single, jnp.asarray(IDS8)))
     mesh = sharding.make_mesh(MeshConfig(**{"fsdp": 1, **axes}))
-    model = modeldir.load_model(ckpt, mesh)
+    model = state.load_model(ckpt, mesh)
     wq, emb = model.blocks.attn.wq_DxHxE[...], model.embed_VxD[...]
     assert wq.sharding.spec == wq_spec and emb.sharding.spec == embed_spec
     assert wq.addressable_shards[0].data.size * (8 // axes.get("data", 1)) == wq.size
@@ -161,7 +161,7 @@ def test_packed_rows_equal_separate_examples(base):
 def test_bf16_compute_with_fp32_params(base):
     ckpt, model, _ = base
     cfg = dataclasses.replace(model.cfg, dtype="bfloat16")
-    mixed = modeldir.load_model(ckpt, cfg=cfg)
+    mixed = state.load_model(ckpt, cfg=cfg)
     assert mixed.blocks.mlp.w_up_DxF[...].dtype == jnp.float32
     want = np.asarray(forward(model, jnp.asarray(IDS)))
     got = forward(mixed, jnp.asarray(IDS))
@@ -185,7 +185,7 @@ def test_remat_policies_give_identical_gradients(base):
     ckpt, model, _ = base
     ref = _grads(model)
     for policy in ("full", "dots"):
-        other = modeldir.load_model(ckpt, cfg=dataclasses.replace(model.cfg, remat=policy))
+        other = state.load_model(ckpt, cfg=dataclasses.replace(model.cfg, remat=policy))
         got = _grads(other)
         for (path, g), (_, h) in zip(jax.tree_util.tree_leaves_with_path(ref),
                                      jax.tree_util.tree_leaves_with_path(got)):
@@ -212,7 +212,7 @@ def test_training_gradients_match_transformers(tmp_path):
             p.copy_(p.grad)
     m.save_pretrained(tmp_path / "grad_hf")
     convert.from_hf(tmp_path / "grad_hf", tmp_path / "grad_jx")
-    ref = nnx.state(modeldir.load_model(tmp_path / "grad_jx"), nnx.Param)
+    ref = nnx.state(state.load_model(tmp_path / "grad_jx"), nnx.Param)
 
     b, l = tgt.shape
     batch = {"inputs": jnp.asarray(IDS[:, :-1]), "targets": jnp.asarray(np.maximum(tgt.numpy(), 0)),

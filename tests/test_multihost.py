@@ -97,11 +97,11 @@ def train_rows(run):
 
 def load_params(model_dir):
     """A model dir's params on one device, whatever topology wrote them."""
-    from jaxft import modeldir, sharding
+    from jaxft import modeldir, sharding, state
     from jaxft.config import MeshConfig
     cfg = modeldir.read_config(model_dir)
     mesh = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
-    _, abs_state = sharding.abstract_model(cfg, mesh)
+    _, abs_state = state.abstract_model(cfg, mesh)
     return jax.device_get(modeldir.load_params(model_dir, abs_state.to_pure_dict()))
 
 

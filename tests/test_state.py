@@ -16,7 +16,7 @@ def saved(tiny_cfg, tmp_path_factory):
     """A tiny model dir whose vocab (500) is about to grow by 20 added tokens."""
     cfg = dataclasses.replace(tiny_cfg, vocab_size=500)
     mesh = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
-    model = sharding.init_model(cfg, mesh, seed=3)
+    model = state.init_model(cfg, mesh, seed=3)
     d = tmp_path_factory.mktemp("m") / "model"
     modeldir.save_model(d, model)
     return d, cfg, jax.device_get(state.nnx.state(model, state.nnx.Param).to_pure_dict())

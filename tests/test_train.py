@@ -46,11 +46,11 @@ def metrics(run):
 
 
 def final_params(run):
-    from jaxft import modeldir, sharding
+    from jaxft import modeldir, sharding, state
     from jaxft.config import MeshConfig
     cfg = modeldir.read_config(Path(run) / "final")
     mesh = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
-    _, abs_state = sharding.abstract_model(cfg, mesh)
+    _, abs_state = state.abstract_model(cfg, mesh)
     return jax.device_get(modeldir.load_params(Path(run) / "final", abs_state.to_pure_dict()))
 
 

@@ -5,11 +5,12 @@
     tools/convert_hf.py --to-hf CKPT --out DIR [--force] [--max-shard-size 5GB]
     tools/convert_hf.py --from-gguf FILE --out CKPT [--force]
 
-The same as `jaxft convert ...`; the logic lives in jaxft/convert.py.
+The same as `jaxft convert ...` (the CLI entry point, with its error handling); the logic
+lives in jaxft/convert.py.
 """
 import sys
 
-from jaxft.convert import main
+from jaxft.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

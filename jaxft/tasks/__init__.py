@@ -17,11 +17,9 @@ import os
 from collections.abc import Iterator
 from types import ModuleType
 
-__all__ = ["DataError", "TASKS", "get_task", "read_records"]
+from jaxft.errors import DataError
 
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file, and the line and field if known."""
+__all__ = ["DataError", "TASKS", "cut", "cut_at_stop", "get_task", "read_records"]
 
 
 # task name -> module under jaxft.tasks
@@ -54,13 +52,15 @@ def read_records(task: str, path: str | os.PathLike,
     return records, skipped
 
 
+def cut_at_stop(text: str, stop_strings) -> str:
+    """`text` up to the earliest occurrence of any stop string."""
+    ends = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
 def cut(text: str, stops=STOPS) -> str:
     """The text before the first stop marker, stripped."""
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
-    return text.strip()
+    return cut_at_stop(text, stops).strip()
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxft import loss, model
-from jaxft.loss import token_nll, xent_sum
+from jaxft import kernels
+from jaxft.kernels import token_nll
+from jaxft.loss import xent_sum
 
 B, H, K, E = 2, 4, 2, 8
-L = 2 * model.Q_BLOCK + 37  # three query blocks, the last one short
+L = 2 * kernels.Q_BLOCK + 37  # three query blocks, the last one short
 
 
 def reference_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, ok_BxLxS):
@@ -47,12 +48,12 @@ def _value_and_grads(attn, mask, q, k, v, w):
 @pytest.mark.parametrize("path", ["causal-blocks", "dense-mask"])
 def test_attention_and_its_gradients_match_reference(inputs, path):
     q, k, v, w, seg, ok = inputs
-    mask = model.CausalSegments(seg) if path == "causal-blocks" else ok
+    mask = kernels.CausalSegments(seg) if path == "causal-blocks" else ok
     want_out = reference_attention(q, k, v, ok)
-    got_out = jax.jit(model.attention)(q, k, v, mask)
+    got_out = jax.jit(kernels.attention)(q, k, v, mask)
     np.testing.assert_allclose(got_out, want_out, atol=2e-5, rtol=0)
     (_, want), (_, got) = (_value_and_grads(reference_attention, ok, q, k, v, w),
-                           _value_and_grads(model.attention, mask, q, k, v, w))
+                           _value_and_grads(kernels.attention, mask, q, k, v, w))
     for name, g, h in zip("qkv", got, want):
         assert np.abs(np.asarray(h)).max() > 0.1, name
         np.testing.assert_allclose(g, h, atol=5e-5, rtol=0, err_msg=f"d{name}")
@@ -62,7 +63,7 @@ def test_causal_blocks_keep_examples_apart(inputs):
     """A key of example 2 gets no gradient from example 1's queries, nor from later padding."""
     q, k, v, _, seg, _ = inputs
     w = jnp.zeros((B, L, H, E)).at[0, :100].set(1.0)  # loss on example 1's outputs only
-    _, (dq, dk, dv) = _value_and_grads(model.attention, model.CausalSegments(seg), q, k, v, w)
+    _, (dq, dk, dv) = _value_and_grads(kernels.attention, kernels.CausalSegments(seg), q, k, v, w)
     assert np.abs(np.asarray(dk[0, :100])).max() > 0 and np.abs(np.asarray(dv[0, :100])).max() > 0
     assert not np.asarray(dk[0, 100:]).any() and not np.asarray(dv[0, 100:]).any()
     assert not np.asarray(dq[0, 100:]).any()
@@ -91,22 +92,22 @@ def test_cross_entropy_gradient_matches_log_softmax():
 def test_fused_head_loss_matches_explicit_logits(dtype, monkeypatch):
     """The chunked head+loss gives the loss and the h / w gradients of the plain logits path,
     across several chunks and with masked-out tokens."""
-    monkeypatch.setattr(loss, "TOKENS_PER_CHUNK", 8)  # 3 rows -> chunks of 2 tokens: 5 chunks
+    monkeypatch.setattr(kernels, "TOKENS_PER_CHUNK", 8)  # 3 rows -> chunks of 2 tokens: 5 chunks
     r = np.random.default_rng(2)
     h = jnp.asarray(r.standard_normal((3, 9, 16)), dtype)
     w = jnp.asarray(r.standard_normal((40, 16)) / 4, dtype)
     tgt = jnp.asarray(r.integers(0, 40, (3, 9)), jnp.int32)
     mask = jnp.asarray(r.integers(0, 2, (3, 9)), jnp.int32)
-    assert len(loss._chunks(3, 9)) == 5
+    assert len(kernels._chunks(3, 9)) == 5
 
     def ref(h, w):
         logits = jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
         return xent_sum(logits, tgt, mask)[0]
 
     want, (dh, dw) = jax.value_and_grad(ref, argnums=(0, 1))(h, w)
-    got, (gh, gw) = jax.value_and_grad(loss.head_loss_sum, argnums=(0, 1))(h, w, tgt, mask)
+    got, (gh, gw) = jax.value_and_grad(kernels.head_loss_sum, argnums=(0, 1))(h, w, tgt, mask)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_allclose(loss.head_loss_sum(h, w, tgt, mask), want, rtol=1e-6)  # no-grad path
+    np.testing.assert_allclose(kernels.head_loss_sum(h, w, tgt, mask), want, rtol=1e-6)  # no-grad path
     assert gh.dtype == dtype and gw.dtype == dtype
     tol = 1e-6 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(gh, np.float32), np.asarray(dh, np.float32), atol=tol)
@@ -120,6 +121,6 @@ def test_linear_gradients_match_autodiff():
     w = jnp.asarray(r.standard_normal((6, 7)), jnp.float32)
     ct = jnp.asarray(r.standard_normal((2, 5, 7)), jnp.float32)
     want = jax.grad(lambda x, w: jnp.sum((x @ w) * ct), argnums=(0, 1))(x, w)
-    got = jax.jit(jax.grad(lambda x, w: jnp.sum(model.linear(x, w) * ct), argnums=(0, 1)))(x, w)
+    got = jax.jit(jax.grad(lambda x, w: jnp.sum(kernels.linear(x, w) * ct), argnums=(0, 1)))(x, w)
     for g, h in zip(got, want):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
