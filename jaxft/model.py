@@ -110,7 +110,7 @@ class Attention(nnx.Module):
                                1.0 / math.sqrt(h * e))
         self.dtype = _dtype(cfg.dtype)
 
-    def __call__(self, x_BxLxD, sin, cos, mask_BxLxS, kv_cache=None, index=None):
+    def __call__(self, x_BxLxD, sin, cos, mask, kv_cache=None, index=None):
         dt = self.dtype
         b, l, d = x_BxLxD.shape
         w_q, w_k, w_v = (w[...].astype(dt) for w in (self.wq_DxHxE, self.wk_DxKxE, self.wv_DxKxE))
@@ -123,7 +123,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             kv_cache = (k, v)
-        o_BxLxHxE = attention(q, k.astype(dt), v.astype(dt), mask_BxLxS)
+        o_BxLxHxE = attention(q, k.astype(dt), v.astype(dt), mask)
         w_o = self.wo_HxExD[...].astype(dt)
         return linear(o_BxLxHxE.reshape(b, l, -1), w_o.reshape(-1, d)), kv_cache
 
@@ -152,8 +152,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs, stack)
         self.mlp = Mlp(cfg, rngs, stack)
 
-    def __call__(self, x_BxLxD, sin, cos, mask_BxLxS, kv_cache=None, index=None):
-        a, kv_cache = self.attn(self.attn_norm(x_BxLxD), sin, cos, mask_BxLxS, kv_cache, index)
+    def __call__(self, x_BxLxD, sin, cos, mask, kv_cache=None, index=None):
+        a, kv_cache = self.attn(self.attn_norm(x_BxLxD), sin, cos, mask, kv_cache, index)
         x_BxLxD = x_BxLxD + a
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), kv_cache
 
@@ -184,14 +184,15 @@ class Llama(nnx.Module):
             positions_BxL = jnp.broadcast_to(index + jnp.arange(l, dtype=jnp.int32), (b, l))
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones((b, l), jnp.int32)
-        # Packed rows: a query sees keys of its own segment at or before its slot.
+        # Packed rows: a query sees keys of its own segment at or before its slot. `mask` is
+        # implicit for training (CausalSegments) and a bool [B, L, S] against the cache.
         if cache is None:
-            mask_BxLxS = CausalSegments(segment_ids_BxL)
+            mask = CausalSegments(segment_ids_BxL)
         else:
             k_seg_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, index))
             q_slot_L, k_slot_S = index + jnp.arange(l), jnp.arange(k_seg_BxS.shape[1])
-            mask_BxLxS = ((segment_ids_BxL[:, :, None] == k_seg_BxS[:, None, :])
-                          & (k_slot_S[None, None, :] <= q_slot_L[None, :, None]))
+            mask = ((segment_ids_BxL[:, :, None] == k_seg_BxS[:, None, :])
+                    & (k_slot_S[None, None, :] <= q_slot_L[None, :, None]))
         sin, cos = rope_sin_cos(positions_BxL, rope_inv_freq(cfg))
         act = ("batch", "length", "act_embed")
         x_BxLxD = sharding.constrain(self.embed_VxD[...].astype(dt)[ids_BxL], act)
@@ -200,7 +201,7 @@ class Llama(nnx.Module):
 
         def layer(x, xs):
             state, kv = xs
-            x, kv = nnx.merge(graphdef, state)(x, sin, cos, mask_BxLxS, kv, index)
+            x, kv = nnx.merge(graphdef, state)(x, sin, cos, mask, kv, index)
             return sharding.constrain(x, act), kv
 
         if cfg.remat != "none":

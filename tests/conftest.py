@@ -40,3 +40,12 @@ def sp_tokenizer(tmp_path_factory, data_root):
 
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+def loss_plot_ok(path) -> bool:
+    """The PNG is the two-panel loss figure (1000 x 400 px) with lines drawn on it."""
+    import matplotlib.image
+    import numpy as np
+    img = matplotlib.image.imread(path)
+    coloured = np.abs(img[..., 0] - img[..., 2]) > 0.3  # blue/orange lines, not grey axes
+    return img.shape[:2] == (400, 1000) and int(coloured.sum()) > 200

@@ -1,7 +1,6 @@
 import pytest
 
-from jaxft import sharding
-from jaxft.config import ConfigError, MeshConfig, load_config
+from jaxft.config import ConfigError, check_batch_split, load_config
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):
@@ -32,17 +31,24 @@ def test_unknown_preset_and_bad_choice():
         load_config(None, ["preset=tiny", "data.padding=bucket"])
 
 
-@pytest.mark.parametrize("mesh,n,shape", [
-    (MeshConfig(data=1, fsdp=-1, tensor=1), 8, (1, 8, 1)),
-    (MeshConfig(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
-    (MeshConfig(data=-1, fsdp=1, tensor=4), 8, (2, 1, 4)),
-])
-def test_mesh_fill(mesh, n, shape):
-    assert sharding.mesh_shape(mesh, n) == shape
+def test_batch_split_is_one_rule_with_every_factor_named():
+    check_batch_split(24, grad_accum=2, data_parallel=4, processes=2)
+    with pytest.raises(ConfigError, match=r"data.batch_size=12 must be divisible by "
+                                          r"optim.grad_accum \(2\) times the data-parallel devices \(4\)"):
+        check_batch_split(12, grad_accum=2, data_parallel=4)
+    with pytest.raises(ConfigError, match="by the 5 processes"):
+        check_batch_split(8, processes=5)
+    with pytest.raises(ConfigError, match="optim.grad_accum=0 must be >= 1"):
+        check_batch_split(8, grad_accum=0)
+    with pytest.raises(ConfigError, match=r"data.batch_size=6 must be divisible by optim.grad_accum \(4\)"):
+        load_config(None, ["preset=tiny", "data.batch_size=6", "optim.grad_accum=4"])
 
 
-def test_mesh_mismatch_states_both_counts():
-    with pytest.raises(ConfigError, match=r"has 6 devices, but 8 devices"):
-        sharding.make_mesh(MeshConfig(data=3, fsdp=2, tensor=1))
-    with pytest.raises(ConfigError, match=r"multiple of 3 devices, but 8"):
-        sharding.make_mesh(MeshConfig(data=3, fsdp=-1, tensor=1))
+def test_numbers_coerce_one_way():
+    cfg = load_config(None, ["preset=tiny", "train.steps=7", "optim.lr=3", "optim.eps=1e-6"])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.optim.eps) == (7, 3.0, 1e-6)
+    assert type(cfg.optim.lr) is float and type(cfg.train.steps) is int
+    for bad, what in (("train.steps=1.5", "expected an int"), ("optim.lr=fast", "expected a number"),
+                      ("train.steps=true", "expected an int")):
+        with pytest.raises(ConfigError, match=f"config.train.steps: {what}|config.optim.lr: {what}"):
+            load_config(None, ["preset=tiny", bad])

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import portpicker
 import pytest
+from conftest import loss_plot_ok
 
 from jaxft import distributed
 
@@ -158,7 +159,7 @@ def test_two_processes_match_one(runs):
 def test_only_process_0_reports(runs):
     rows = (runs["mp"] / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == len(set(rows)) == 2  # a second writer would repeat every line
-    assert (runs["mp"] / "loss.png").stat().st_size > 0
+    assert loss_plot_ok(runs["mp"] / "loss.png")
     assert "jaxft: done at step 2" in runs["logs"][0]
     assert "jaxft:" not in runs["logs"][1]
 
@@ -169,7 +170,7 @@ def test_checkpoint_keeps_every_process_data_position(runs):
         return json.loads((Path(run) / "ckpt" / "2" / "data" / "metadata").read_text())["per_process"]
     mp, ref = states(runs["mp"]), states(runs["ref"])
     assert len(mp) == 2 and len(ref) == 1
-    assert all(isinstance(s, dict) and s for s in mp + ref)
+    assert all(set(s) == set(ref[0]) and s for s in mp)  # the same iterator's state, once per process
 
 
 def test_one_process_resumes_a_two_process_checkpoint(runs):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from jaxft.tasks import DataError, get_task, read_records
+from jaxft.tasks import TASKS, DataError, get_task, read_records
 from jaxft.tasks import instruct, viggo
 
 
@@ -74,8 +74,8 @@ def test_get_task_and_aliases():
     assert get_task("alpaca") is get_task("instruct")
     for name in ("viggo", "sql", "gsm8k", "alpaca", "jsonl", "csv"):
         mod = get_task(name)
-        assert callable(mod.read) and callable(mod.score) and callable(mod.clean)
-        assert isinstance(mod.INSTRUCTION, str)
+        assert mod.__name__ == f"jaxft.tasks.{TASKS[name]}"
+        assert mod.clean("  answer <END_A> more") == "answer"  # every task cuts at the stops
     with pytest.raises(DataError, match="unknown task 'nope'.*gsm8k.*viggo"):
         get_task("nope")
 
