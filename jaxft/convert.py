@@ -31,7 +31,8 @@ from jaxft.config import ModelConfig
 from jaxft.errors import ConvertError
 from jaxft.gguf import GGUFWeights, config_from_gguf, tokenizer_files
 from jaxft.model import EMBED, LM_HEAD, VOCAB_PARAMS
-from jaxft.modeldir import atomic_dir, load_params, read_config, save_params, write_config
+from jaxft.modeldir import (atomic_dir, check_output, load_params, read_config, save_params,
+                            write_config)
 from jaxft.state import abstract_params
 from jaxft.tokenizer import load_tokenizer
 
@@ -216,6 +217,7 @@ def from_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
 def convert_weights(cfg: ModelConfig, weights, src, out, force: bool, write_tokenizer) -> Path:
     """Fills the jaxft params from `weights` (`.where`: HF names, `.get(name)`: one array)
     tensor by tensor, then writes the model dir; errors name `src` and the tensor."""
+    check_output(out, force, [src])  # before the first tensor, not after the last
     names = hf_names(cfg)
     expected = {n for n, _, _ in names}
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a redundant copy if there
@@ -238,13 +240,14 @@ def convert_weights(cfg: ModelConfig, weights, src, out, force: bool, write_toke
         if entry.path[0] in VOCAB_PARAMS:
             target = target[: cfg.vocab_size]
         target[...] = to_jaxft(w.astype(target.dtype, copy=False), entry, target.shape)
-    return write_model_dir(out, cfg, params, force, write_tokenizer)
+    return write_model_dir(out, cfg, params, force, write_tokenizer, inputs=[src])
 
 
-def write_model_dir(out, cfg: ModelConfig, params: dict, force: bool, write_tokenizer) -> Path:
+def write_model_dir(out, cfg: ModelConfig, params: dict, force: bool, write_tokenizer,
+                    inputs=()) -> Path:
     """Writes config, params (numpy leaves, replaced in place) and `write_tokenizer(dir)`."""
     _to_device(params)  # Orbax saves jax arrays with one transient host copy less than numpy
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, inputs) as tmp:
         write_config(tmp, cfg)
         save_params(tmp, params)
         write_tokenizer(tmp / "tokenizer")
@@ -296,6 +299,7 @@ def to_hf_dir(ckpt: str | Path, out: str | Path, force: bool = False,
     ckpt, limit = Path(ckpt), parse_size(max_shard_size)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such jaxft model directory")
+    check_output(out, force, [ckpt])
     cfg = read_config(ckpt)
     params, shapes = read_params_host(ckpt, cfg), jaxft_shapes(cfg)
     shards: list[list[tuple[str, Entry, int | None]]] = [[]]
@@ -307,7 +311,7 @@ def to_hf_dir(ckpt: str | Path, out: str | Path, force: bool = False,
             size = 0
         shards[-1].append(item)
         size += nbytes
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, [ckpt]) as tmp:
         special_ids = _save_tokenizer(ckpt / "tokenizer", tmp)
         hf_cfg = {**config_to_hf(cfg), **special_ids}
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

@@ -26,19 +26,25 @@ from jaxft.distributed import barrier
 from jaxft.errors import ConfigError, OutputExistsError
 
 
-def check_output(out: str | os.PathLike, force: bool) -> Path:
+def check_output(out: str | os.PathLike, force: bool, inputs=()) -> Path:
+    """`out` if it may be written: it must not exist unless `force`, and it must never be, or
+    contain, one of `inputs` (replacing it would delete what is being read)."""
     out = Path(out)
+    for src in map(Path, inputs):
+        if src.resolve() == out.resolve() or src.resolve().is_relative_to(out.resolve()):
+            raise OutputExistsError(f"--out {out} is or contains the input {src}; "
+                                    "write the output somewhere else (--force does not apply)")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
     return out
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False):
+def atomic_dir(out: str | os.PathLike, force: bool = False, inputs=()):
     """Yields a temp dir beside `out`; on success it replaces `out`, on error it is removed.
     In a multi-process run every process gets the same temp dir (Orbax writes each process's
     shards into it) and only process 0 creates, renames or removes it."""
-    out = check_output(out, force)
+    out = check_output(out, force, inputs)
     primary = jax.process_index() == 0
     out.parent.mkdir(parents=True, exist_ok=True)
     if jax.process_count() == 1:

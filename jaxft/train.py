@@ -218,11 +218,10 @@ class Run:
         """Runs one optimizer step on this process's `batch` and logs it; returns the loss."""
         self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state,
                                                       to_global(batch, self.mesh))
-        loss = float(m["loss"])
+        loss = self.last_loss = float(m["loss"])
         self.step += 1
         if not math.isfinite(loss):
             return loss
-        self.last_loss = loss
         self.tokens_seen += int(m["tokens"])
         nonpad = int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
         if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.steps:
@@ -241,11 +240,12 @@ def _run_tokenizer(cfg: Config, run_dir: Path, train_records: list[dict]):
     """The run dir's tokenizer on a resume, else a new one saved there."""
     tok_dir = run_dir / "tokenizer"
     if tok_dir.is_dir():
-        return load_tokenizer(tok_dir)
-    tok = data.build_tokenizer(cfg, train_records)
-    if jax.process_index() == 0:
-        tok.save(tok_dir)
-    distributed.barrier("tokenizer saved")  # the others may read tok_dir on a resume
+        tok = load_tokenizer(tok_dir)
+    else:
+        tok = data.build_tokenizer(cfg, train_records)
+        if jax.process_index() == 0:
+            tok.save(tok_dir)
+    distributed.barrier("tokenizer saved")  # every process, whichever branch it took
     return tok
 
 
@@ -334,7 +334,7 @@ def finish(r: Run, why: str) -> tuple[int, str]:
     """Saves what the way the loop ended calls for; returns (exit status, closing line)."""
     if why == "nan":
         good = r.ckpts.steps()
-        return 1, (f"jaxft: loss is not finite at step {r.step}; stopping. The last good "
+        return 1, (f"jaxft: loss is {r.last_loss} at step {r.step}; stopping. The last good "
                    f"checkpoint is {'step ' + str(good[-1]) if good else 'none'} in {r.ckpts.dir}")
     if why == "sigterm":
         r.save(wait=True)

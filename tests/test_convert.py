@@ -216,6 +216,22 @@ def test_existing_output_needs_force(hf_dir, ckpt, tmp_path, capsys, direction):
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
+def _tree_bytes(d: Path) -> dict:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("direction", ["from-hf", "to-hf"])
+def test_output_that_is_or_contains_the_input_is_refused(hf_dir, ckpt, tmp_path, capsys, direction):
+    """--out D for input D (or a parent of it) would delete the source: refused even with
+    --force, and the source stays byte-identical."""
+    src = shutil.copytree(hf_dir if direction == "from-hf" else ckpt, tmp_path / "src" / "model")
+    before = _tree_bytes(src)
+    for out in (src, src.parent):
+        assert cli(["convert", f"--{direction}", str(src), "--out", str(out), "--force"]) == 2
+        assert "is or contains the input" in capsys.readouterr().err
+    assert _tree_bytes(src) == before
+
+
 def test_tokenizer_files_travel_both_ways(hf_dir, ckpt, tmp_path):
     from tokenizers import Tokenizer
     back = convert.to_hf_dir(ckpt, tmp_path / "back")

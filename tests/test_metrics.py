@@ -169,3 +169,44 @@ def test_instruct_score_is_cheap_exact():
     rec = {"instruction": "Edit", "input": "He go.", "output": "He goes.", "line": 0}
     assert instruct.score("He  goes.\n\n### Instruction:\nmore", rec) == {"exact": True}
     assert instruct.score("He went.", rec) == {"exact": False}
+
+
+def test_sql_dataset_context_never_touches_the_filesystem(tmp_path):
+    """A record's CREATE TABLE context is untrusted text: ATTACH, DROP, VACUUM INTO and
+    load_extension are refused, an unrelated database stays byte-identical, no file appears."""
+    import sqlite3
+    victim = tmp_path / "users.db"
+    con = sqlite3.connect(victim)
+    con.execute("CREATE TABLE users (name TEXT)")
+    con.execute("INSERT INTO users VALUES ('ada')")
+    con.commit()
+    con.close()
+    before = victim.read_bytes()
+    made = tmp_path / "made.db"
+    for hostile in (f"ATTACH DATABASE '{victim}' AS v; DROP TABLE v.users",
+                    f"ATTACH DATABASE '{made}' AS m; CREATE TABLE m.t (a)",
+                    f"CREATE TABLE t (a); VACUUM INTO '{made}'",
+                    "CREATE TABLE t (a); SELECT load_extension('/tmp/evil')"):
+        rec = {"instruction": "", "input": f"{hostile}; CREATE TABLE head (age INTEGER)\nQ: how many?",
+               "output": "SELECT COUNT(*) FROM head", "line": 1}
+        assert sql.score("SELECT COUNT(*) FROM head WHERE age > 1", rec)["execution"] is False
+    assert victim.read_bytes() == before and not made.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.db"]
+
+
+def test_sql_sandbox_allows_the_schema_and_stops_runaway_ddl():
+    db = sql.sandbox()
+    db.execute("CREATE TABLE t (a NUMERIC)")
+    db.execute("INSERT INTO t VALUES (1)")
+    assert db.execute("SELECT a FROM t").fetchall() == [(1,)]
+    for bad in ("DROP TABLE t", "DELETE FROM t", "CREATE TRIGGER x AFTER INSERT ON t BEGIN SELECT 1; END"):
+        with pytest.raises(sqlite3_error()):
+            db.execute(bad)
+    with pytest.raises(sqlite3_error()):  # the step budget applies to everything
+        db.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                   "SELECT COUNT(*) FROM c").fetchall()
+
+
+def sqlite3_error():
+    import sqlite3
+    return sqlite3.Error

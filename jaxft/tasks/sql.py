@@ -86,17 +86,56 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# What dataset text and generated queries may do in sqlite: define tables, fill them, read them.
+_ALLOWED = {sqlite3.SQLITE_CREATE_TABLE, sqlite3.SQLITE_INSERT, sqlite3.SQLITE_SELECT,
+            sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
+            sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_UPDATE}
+BUDGET = 2000  # progress-handler calls (x1000 VM instructions) a connection may spend
+
+
+def _authorize(action, arg1, arg2, db_name, trigger):
+    if action == sqlite3.SQLITE_PRAGMA and arg1 == "table_info":
+        return sqlite3.SQLITE_OK
+    if action not in _ALLOWED or (action == sqlite3.SQLITE_FUNCTION and arg2 == "load_extension"):
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_UPDATE and arg1 != "sqlite_master":  # only CREATE's own bookkeeping
+        return sqlite3.SQLITE_DENY
+    if db_name not in (None, "main"):
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
+def sandbox() -> sqlite3.Connection:
+    """An in-memory database for untrusted SQL: no ATTACH (so no file is ever opened), no
+    extensions, only CREATE TABLE / INSERT / SELECT, and a bounded number of VM steps."""
+    db = sqlite3.connect(":memory:")
+    db.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    if hasattr(db, "enable_load_extension"):  # absent where Python was built without it
+        db.enable_load_extension(False)
+    db.set_authorizer(_authorize)
+    steps = [0]
+
+    def budget():
+        steps[0] += 1
+        return steps[0] > BUDGET
+    db.set_progress_handler(budget, 1000)
+    return db
+
+
 def schema(rec_input: str, gold: str = "") -> tuple[list[str], dict[str, list[str]]]:
     """(DDL statements, {table: columns}) from a record's input. WikiSQL column names may hold
     ", " themselves: neighbours whose joined name occurs in the `gold` query are merged."""
     if "CREATE TABLE" in rec_input.upper():
-        db = sqlite3.connect(":memory:")
-        ddl = [s.strip() for s in rec_input.split("\nQ:")[0].split(";") if s.strip()]
-        for s in ddl:
-            db.execute(s)
-        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        return ddl, {t: [r[1] for r in db.execute(f"PRAGMA table_info({_quote(t)})")]
-                     for t in names}
+        db = sandbox()
+        try:
+            ddl = [s.strip() for s in rec_input.split("\nQ:")[0].split(";") if s.strip()]
+            for s in ddl:
+                db.execute(s)
+            names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            return ddl, {t: [r[1] for r in db.execute(f"PRAGMA table_info({_quote(t)})")]
+                         for t in names}
+        finally:
+            db.close()
     lines = dict(ln.split(":", 1) for ln in rec_input.splitlines() if ":" in ln)
     table = lines.get("table", "").strip()
     cols = [c.strip() for c in lines.get("columns", "").split(",") if c.strip()]
@@ -197,12 +236,6 @@ def run(db: sqlite3.Connection, query: str) -> Counter | None:
     (a generated ATTACH could write files)."""
     if not re.match(r"\s*(SELECT|WITH)\b", query, re.I):
         return None
-    steps = [0]
-
-    def budget():
-        steps[0] += 1
-        return steps[0] > 2000  # x1000 VM instructions
-    db.set_progress_handler(budget, 1000)
     try:
         return Counter(db.execute(query).fetchall())
     except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError):
@@ -216,7 +249,7 @@ def execution_match(prediction: str, rec: dict) -> bool:
         return False
     names = list(tables) + [c for cols in tables.values() for c in cols]
     gold, pred = to_sqlite(rec["output"], names), to_sqlite(prediction, names)
-    db = sqlite3.connect(":memory:")
+    db = sandbox()
     try:
         for s in ddl:
             db.execute(s)
