@@ -65,14 +65,17 @@ class Checkpoints:
             self.mngr.wait_until_finished()
 
     def restore_latest(self, abstract_state: dict):
-        """(step, state, data_state) of the newest checkpoint that restores, or None."""
+        """(step, state, data_state) of the newest checkpoint that restores, or None; each
+        step that did not restore is in `self.failures` with the reason."""
+        self.failures: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
                 out = self.mngr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
             except Exception as e:  # a torn checkpoint: fall back to the one before
-                log.warning("checkpoint step %d in %s does not restore (%s: %s); trying the "
-                            "previous one", step, self.dir, type(e).__name__, str(e)[:200])
+                self.failures.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
+                log.warning("checkpoint step %d in %s does not restore (%s); trying the "
+                            "previous one", step, self.dir, self.failures[-1][1])
                 continue
             return step, out["state"], _decode(_this_process(out["data"], step))
         return None

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -256,6 +257,11 @@ def _restore_or_init(cfg: Config, layout: state.Layout, ckpts, loader) -> tuple:
                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
                 "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
     restored = ckpts.restore_latest(abstract)
+    if restored is None and ckpts.failures:
+        why = "; ".join(f"step {step}: {reason}" for step, reason in ckpts.failures)
+        raise ConfigError(f"{ckpts.dir.parent} holds a run, but none of its checkpoints restores "
+                          f"({why}). Nothing was changed. To start over, rerun with --restart "
+                          f"(the old run is moved aside, not deleted), or use another --out")
     if restored:
         step, st, data_state = restored
         loader.set_state(data_state)
@@ -388,13 +394,30 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="run directory (default runs/<config name>); re-running resumes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: move an existing run dir aside to <dir>.old-N first")
     distributed.add_arguments(p)
     p.set_defaults(func=main)
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Renames an existing run dir to the first free `<name>.old-N` beside it (never deletes)."""
+    if not run_dir.exists():
+        return None
+    n = 1
+    while (old := run_dir.with_name(f"{run_dir.name}.old-{n}")).exists():
+        n += 1
+    if jax.process_index() == 0:
+        run_dir.rename(old)
+    distributed.barrier(f"moved {run_dir} aside")
+    return old
 
 
 def main(args: argparse.Namespace) -> int:
     distributed.maybe_initialize(args)
     cfg = config_lib.load_config(args.config, args.overrides)
-    out = args.out or str(Path("runs") / Path(args.config).stem)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    if args.restart and (old := move_aside(out)):
+        print(f"jaxft train: moved the old run to {old}", file=sys.stderr)
     return run(cfg, out)
 

@@ -138,6 +138,30 @@ def test_torn_checkpoint_is_skipped(straight_run, tmp_path):
     assert "does not restore" in r.stderr and "resuming at step 30" in r.stderr
 
 
+def _tree_bytes(d: Path) -> dict:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_no_checkpoint_restores_refuses_and_restart_moves_the_run_aside(straight_run, tmp_path):
+    """Every checkpoint torn: the run is not silently restarted (metrics, checkpoints, best/
+    stay byte-identical); --restart moves it aside whole and starts a new one."""
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    for f in (out / "ckpt").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000 and "state" in f.parts:
+            f.write_bytes(f.read_bytes()[:100])
+    before = _tree_bytes(out)
+    r = jaxft(*train_args(out, *STEPS[1:], "train.steps=45"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "none of its checkpoints restores (step 40: " in r.stderr and "step 30: " in r.stderr
+    assert "--restart" in r.stderr and _tree_bytes(out) == before
+    r = jaxft(*train_args(out, "train.steps=2", "train.eval_every=0"), "--restart")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"moved the old run to {out}.old-1" in r.stderr and "starting" in r.stderr
+    assert _tree_bytes(Path(f"{out}.old-1")) == before
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_nan_stops_and_reports_step(tmp_path):
     out = tmp_path / "run"
     r = jaxft(*train_args(out, "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0",
