@@ -37,6 +37,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from jaxft import templates
+from jaxft.tasks import DataError, read_text
 from jaxft.templates import TemplateError
 
 TRAIN_ON = ("assistant", "last_assistant", "all", "response")  # response: as assistant
@@ -350,3 +351,18 @@ def get_template(name: str, include_instruction: bool = True, tok=None):
                             "data.chat_template: FILE.jinja")
     origin = getattr(tok, "chat_template_origin", "") or "the tokenizer's chat template"
     return ChatTemplate(source, origin, template_tokens(tok), include_instruction)
+
+
+def read_messages(path: str | Path) -> list[dict]:
+    """A conversation file for `jaxft generate --messages`: a JSON list of {role, content},
+    or an object holding it under `messages`."""
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
+        raise DataError(f"{path}: expected a list of {{\"role\", \"content\"}} objects "
+                        "(or an object with one under \"messages\")")
+    return _clean(messages)

@@ -68,8 +68,9 @@ def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
     d, tasks = cfg.data, _task_api()
     if split == "valid" and d.valid_file:
-        return tasks.read_records(d.task, data_path(cfg, d.valid_file), d.fields)
-    records, skipped = tasks.read_records(d.task, data_path(cfg, d.train_file), d.fields)
+        return tasks.read_records(d.task, data_path(cfg, d.valid_file), d.fields, d.chat_format)
+    records, skipped = tasks.read_records(d.task, data_path(cfg, d.train_file), d.fields,
+                                          d.chat_format)
     if not d.valid_file:
         if d.task in ("alpaca", "instruct"):
             from jaxft.tasks.instruct import split_alpaca
@@ -89,8 +90,9 @@ def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
 
 def build_tokenizer(cfg: Config, records: list[dict] | None = None):
     """The run's tokenizer: cfg.data.tokenizer, else the init checkpoint's, else one trained on
-    the training text; the template's special tokens are added in every case."""
-    from jaxft.templates import get_template
+    the training text; the template's special tokens are added in every case, and
+    data.chat_template replaces the tokenizer's chat template."""
+    from jaxft.chat import apply_override, get_template
     from jaxft.tokenizer import load_tokenizer, train_sentencepiece
 
     d = cfg.data
@@ -112,6 +114,7 @@ def build_tokenizer(cfg: Config, records: list[dict] | None = None):
         where = f"{init_tok} does not exist" if init_tok else "train.init is empty"
         raise ConfigError(f"no tokenizer: data.tokenizer is empty, {where}, and "
                           "data.train_tokenizer_vocab is 0; set one of them")
+    apply_override(tok, d.chat_template)
     template = get_template(d.template, include_instruction=d.include_instruction)
     if template.special_tokens:
         tok.add_special_tokens(list(template.special_tokens))
@@ -129,6 +132,14 @@ def encode_records(tok, template, records: list[dict], d: DataConfig,
     out = []
     for rec in records:
         ex = tokenize_example(tok, template, rec, train_on=d.train_on)
+        if len(ex["ids"]) > keep and d.overlong == "truncate" and hasattr(template, "fit"):
+            # Conversations lose whole turns from the end; one whose first reply is already
+            # too long is dropped (both counted as truncated / dropped).
+            ex = template.fit(tok, rec, d.train_on, keep)
+            if ex is None:
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
         ids = np.asarray(ex["ids"], np.int32)
         mask = np.asarray(ex["mask"], np.int32)
         if len(ids) > keep:
@@ -292,7 +303,7 @@ def make_loader(cfg: Config, tokenizer, records: list[dict], *, train: bool,
     process_index/process_count default to jax.process_index()/process_count(); each
     process reads only every process_count-th example, starting at its index.
     """
-    from jaxft.templates import get_template
+    from jaxft.chat import get_template
     import jax
 
     d = cfg.data
@@ -304,7 +315,7 @@ def make_loader(cfg: Config, tokenizer, records: list[dict], *, train: bool,
         raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of the "
                           f"{process_count} processes")
     local_batch = d.batch_size // process_count
-    template = get_template(d.template, include_instruction=d.include_instruction)
+    template = get_template(d.template, d.include_instruction, tokenizer)
     examples, stats = encode_records(tokenizer, template, records, d, skipped_empty)
     if len(examples) < process_count:
         raise _task_api().DataError(f"{len(examples)} examples cannot feed {process_count} processes")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
-import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFCore
@@ -145,15 +144,12 @@ class SentencePieceTokenizer(Tokenizer):
                 ids.append(self._control_text[part])
                 offsets.append((pos, pos + len(part)))
             elif part:
-                # SentencePiece offsets count UTF-8 bytes; map them back to characters.
-                char_at = np.cumsum([0] + [len(c.encode("utf-8")) for c in part])
-                pieces = list(self._sp.encode(part, out_type="immutable_proto").pieces)
-                if len(pieces) > 1 and pieces[0].id == self._space_id and pieces[1].id in self._added:
-                    pieces = pieces[1:]  # as in encode: no dummy space before an added token
-                for p in pieces:
-                    b, e = np.searchsorted(char_at, [p.begin, p.end])
-                    ids.append(p.id)
-                    offsets.append((pos + int(b), pos + int(e)))
+                enc = self._sp.encode(part, return_type="offset_mapping")
+                got, where = list(enc["ids"]), list(enc["offsets"])
+                if len(got) > 1 and got[0] == self._space_id and got[1] in self._added:
+                    got, where = got[1:], where[1:]  # as in encode: no dummy space before an added token
+                ids += got
+                offsets += [(pos + int(b), pos + int(e)) for b, e in where]
             pos += len(part)
         return ids, offsets
 

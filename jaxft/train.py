@@ -304,9 +304,9 @@ def _task_evaluator(cfg: Config, tok):
     if not (cfg.eval.task and cfg.eval.every):
         return None
     from jaxft.evaluate import TaskEvaluator
-    from jaxft.templates import get_template
+    from jaxft.chat import get_template
     records, _ = data.load_split(cfg, "valid")
-    template = get_template(cfg.data.template, cfg.data.include_instruction)
+    template = get_template(cfg.data.template, cfg.data.include_instruction, tok)
     return TaskEvaluator(tok, template, cfg.eval.task, records, cfg.eval.n,
                          cfg.eval.max_new_tokens, cfg.eval.batch_size)
 
