@@ -272,5 +272,6 @@ def data_root(cfg: Config) -> Path:
 
 
 def data_path(cfg: Config, rel: str) -> Path:
+    """Absolute paths and ./paths (the working directory's) as given; others under the root."""
     p = Path(rel).expanduser()
-    return p if p.is_absolute() else data_root(cfg) / p
+    return p if p.is_absolute() or rel.startswith("./") else data_root(cfg) / p
