@@ -1,11 +1,15 @@
 """Loader benchmark on ViGGO train: padding share per mode, and loader speed against a train step.
 
     .venv/bin/python bench/data_loader.py [--tokenizer DIR] [--vocab 8000] [--batches 300]
+        [--chat-tokenizer runs/smollm2/tokenizer]
 
 Trains (or loads) a SentencePiece tokenizer on the training text, encodes every example, then
 for padding = max_length, longest and pack reports the share of row slots holding real tokens
 and how many examples per second the Grain train loader yields. A tiny Llama train step on
 this CPU is timed on packed batches of the same shape to show the loader keeps ahead of it.
+With --chat-tokenizer (a dir whose tokenizer has a chat template, e.g. SmolLM2's), it also
+renders and tokenises generated 3-exchange conversations with that template and reports
+conversations/s, against what the same train step consumes.
 """
 from __future__ import annotations
 
@@ -73,6 +77,30 @@ def time_train_step(cfg: Config, vocab: int, batches: list[dict], steps: int) ->
     return (time.perf_counter() - t0) / steps
 
 
+def time_chat(tok_dir: str, n: int, consume_per_s: float) -> None:
+    """Conversations rendered (turn by turn, for the mask) and tokenised per second."""
+    from jaxft import chat
+
+    tok = load_tokenizer(tok_dir)
+    template = chat.get_template("tokenizer", tok=tok)
+    convs = [{"messages": [{"role": "system", "content": f"You are assistant number {i}."}]
+              + [m for t in range(3) for m in (
+                  {"role": "user", "content": f"Question {t}: what does {i} times {t} make?"},
+                  {"role": "assistant", "content": f"{i} times {t} makes {i * t}. " * 3})]}
+             for i in range(n)]
+    template.tokenize(tok, convs[0])  # compile the template once
+    t0 = time.perf_counter()
+    n_tok = sum(len(template.tokenize(tok, c)["ids"]) for c in convs)
+    dt = time.perf_counter() - t0
+    print(f"\nchat ({template.origin}): {n} conversations of 3 exchanges, "
+          f"{n_tok / n:.0f} tokens each: {n / dt:,.0f} conversations/s "
+          f"({n_tok / dt:,.0f} tokens/s)")
+    print(f"  the tiny train step consumes {consume_per_s:,.0f} examples/s -> chat loader / "
+          f"step = {n / dt / consume_per_s:.1f}x (need >= 10x)")
+    print(f"  the SmolLM2 PyTorch step consumes {SMOLLM_EXAMPLES_PER_S:.2f} examples/s -> "
+          f"{n / dt / SMOLLM_EXAMPLES_PER_S:,.0f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", default="", help="tokenizer dir; default: train one")
@@ -81,6 +109,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=300, help="batches timed per mode")
     ap.add_argument("--steps", type=int, default=10, help="train steps timed")
+    ap.add_argument("--chat-tokenizer", default="", help="tokenizer dir with a chat template: "
+                    "also time conversations/s")
+    ap.add_argument("--conversations", type=int, default=500, help="conversations timed")
     args = ap.parse_args()
 
     cfg = Config(data=DataConfig(template="special-tokens", max_length=args.max_length,
@@ -133,6 +164,8 @@ def main() -> None:
     print(f"  SmolLM2-135M PyTorch step (DESIGN.md, 12.6 s at batch 8) consumes "
           f"{SMOLLM_EXAMPLES_PER_S:.2f} examples/s; pack loader is "
           f"{rates['pack'] / SMOLLM_EXAMPLES_PER_S:,.0f}x that")
+    if args.chat_tokenizer:
+        time_chat(args.chat_tokenizer, args.conversations, consume)
 
 
 if __name__ == "__main__":

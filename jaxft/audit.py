@@ -12,7 +12,8 @@ import sys
 
 from jaxft.config import load_config
 from jaxft.data import build_tokenizer, load_split, make_loader
-from jaxft.templates import boundary_ok, get_template, tokenize_example
+from jaxft.chat import get_template
+from jaxft.templates import boundary_ok, tokenize_example
 
 OPEN, CLOSE = "[[", "]]"
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -39,14 +40,18 @@ def audit(cfg, n: int, out=None, err=None) -> int:
     d = cfg.data
     records, skipped = load_split(cfg, "train")
     tok = build_tokenizer(cfg, records)
-    template = get_template(d.template, include_instruction=d.include_instruction)
+    template = get_template(d.template, d.include_instruction, tok)
     colour = out.isatty()
     bad = []
     for k, rec in enumerate(records[:n]):
         ex = tokenize_example(tok, template, rec, train_on=d.train_on)
         print(f"--- example {k + 1} (line {rec.get('line', '?')}): {len(ex['ids'])} ids, "
               f"{int(ex['mask'].sum())} trained", file=out)
-        print(render(tok, ex["ids"], ex["mask"], colour), file=out)
+        if getattr(template, "is_chat", False):  # one line per turn: role, tokens, mask
+            for role, ids, mask in template.turns(tok, rec, d.train_on):
+                print(f"  [{role}] {render(tok, ids, mask, colour)}", file=out)
+        else:
+            print(render(tok, ex["ids"], ex["mask"], colour), file=out)
         if not boundary_ok(tok, template, rec):
             bad.append(rec.get("line", k + 1))
     loader = make_loader(cfg, tok, records, train=True, process_index=0, process_count=1,

@@ -52,13 +52,15 @@ class MeshConfig:
 @dataclass
 class DataConfig:
     root: str = ""  # data root; empty means $JAXFT_DATA or ../shared/data
-    task: str = "viggo"  # viggo | sql | gsm8k | alpaca | jsonl | csv
+    task: str = "viggo"  # viggo | sql | gsm8k | alpaca | jsonl | csv | chat (conversations)
     train_file: str = "viggo/train.csv"  # relative to root unless absolute
     valid_file: str = "viggo/valid.csv"  # "" means split from train (alpaca: the 85/5/10 split)
     fields: dict | None = None  # generic readers: {"instruction": col, "input": col, "output": col}
-    template: str = "special-tokens"  # alpaca | phi3 | special-tokens | llama2-chat | path/to/template.yaml
+    template: str = "special-tokens"  # alpaca | phi3 | special-tokens | llama2-chat | chatml | path/to/template.yaml | tokenizer (the model's own Jinja chat template)
+    chat_template: str = ""  # with template=tokenizer: a .jinja file used instead of the tokenizer's (and saved with the model)
+    chat_format: str = "auto"  # task=chat: auto (per file) | openai (messages) | sharegpt (conversations)
     include_instruction: bool = False  # prepend the task instruction in templates that allow omitting it
-    train_on: str = "response"  # response (prompt masked) | all
+    train_on: str = "response"  # response (prompt masked) | all; chat: assistant (= response) | last_assistant
     padding: str = "pack"  # pack | longest | max_length
     max_length: int = 512  # tokens per row
     overlong: str = "truncate"  # truncate | drop
@@ -262,7 +264,8 @@ def validate(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
     _choice("model.remat", m.remat, ("none", "full", "dots"))
     _choice("data.padding", d.padding, ("pack", "longest", "max_length"))
-    _choice("data.train_on", d.train_on, ("response", "all"))
+    _choice("data.train_on", d.train_on, ("response", "all", "assistant", "last_assistant"))
+    _choice("data.chat_format", d.chat_format, ("auto", "openai", "sharegpt"))
     _choice("data.overlong", d.overlong, ("truncate", "drop"))
     _choice("optim.decay", cfg.optim.decay, ("cosine", "linear", "constant"))
     if m.n_heads % m.n_kv_heads:
@@ -304,5 +307,6 @@ def data_root(cfg: Config) -> Path:
 
 
 def data_path(cfg: Config, rel: str) -> Path:
+    """Absolute paths and ./paths (the working directory's) as given; others under the root."""
     p = Path(rel).expanduser()
-    return p if p.is_absolute() else data_root(cfg) / p
+    return p if p.is_absolute() or rel.startswith("./") else data_root(cfg) / p

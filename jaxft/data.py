@@ -34,7 +34,8 @@ from jaxft import tasks
 from jaxft.config import Config, DataConfig, check_batch_split, data_path
 from jaxft.errors import ConfigError, DataError
 from jaxft.tasks.instruct import split_alpaca
-from jaxft.templates import get_template, tokenize_example
+from jaxft.chat import apply_override, get_template
+from jaxft.templates import tokenize_example
 from jaxft.tokenizer import load_tokenizer, train_sentencepiece
 
 LONGEST_MULTIPLE = 16  # `longest` rows are padded to a multiple of this many tokens
@@ -65,8 +66,9 @@ def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
     d = cfg.data
     if split == "valid" and d.valid_file:
-        return tasks.read_records(d.task, data_path(cfg, d.valid_file), d.fields)
-    records, skipped = tasks.read_records(d.task, data_path(cfg, d.train_file), d.fields)
+        return tasks.read_records(d.task, data_path(cfg, d.valid_file), d.fields, d.chat_format)
+    records, skipped = tasks.read_records(d.task, data_path(cfg, d.train_file), d.fields,
+                                          d.chat_format)
     if not d.valid_file:
         if d.task in ("alpaca", "instruct"):
             train, valid, _ = split_alpaca(records, d.seed)
@@ -85,7 +87,8 @@ def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
 
 def build_tokenizer(cfg: Config, records: list[dict] | None = None):
     """The run's tokenizer: cfg.data.tokenizer, else the init checkpoint's, else one trained on
-    the training text; the template's special tokens are added in every case."""
+    the training text; the template's special tokens are added in every case, and
+    data.chat_template replaces the tokenizer's chat template."""
     d = cfg.data
     init_tok = Path(cfg.train.init).expanduser() / "tokenizer" if cfg.train.init else None
     if d.tokenizer:
@@ -105,6 +108,7 @@ def build_tokenizer(cfg: Config, records: list[dict] | None = None):
         where = f"{init_tok} does not exist" if init_tok else "train.init is empty"
         raise ConfigError(f"no tokenizer: data.tokenizer is empty, {where}, and "
                           "data.train_tokenizer_vocab is 0; set one of them")
+    apply_override(tok, d.chat_template)
     template = get_template(d.template, include_instruction=d.include_instruction)
     if template.special_tokens:
         tok.add_special_tokens(list(template.special_tokens))
@@ -120,6 +124,14 @@ def encode_records(tok, template, records: list[dict], d: DataConfig,
     out = []
     for rec in records:
         ex = tokenize_example(tok, template, rec, train_on=d.train_on)
+        if len(ex["ids"]) > keep and d.overlong == "truncate" and hasattr(template, "fit"):
+            # Conversations lose whole turns from the end; one whose first reply is already
+            # too long is dropped (both counted as truncated / dropped).
+            ex = template.fit(tok, rec, d.train_on, keep)
+            if ex is None:
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
         ids = np.asarray(ex["ids"], np.int32)
         mask = np.asarray(ex["mask"], np.int32)
         if len(ids) > keep:
@@ -290,7 +302,7 @@ def make_loader(cfg: Config, tokenizer, records: list[dict], *, train: bool,
         process_count = jax.process_count()
     check_batch_split(d.batch_size, processes=process_count)
     local_batch = d.batch_size // process_count
-    template = get_template(d.template, include_instruction=d.include_instruction)
+    template = get_template(d.template, d.include_instruction, tokenizer)
     examples, stats = encode_records(tokenizer, template, records, d, skipped_empty)
     if len(examples) < process_count:
         raise DataError(f"{len(examples)} examples cannot feed {process_count} processes")

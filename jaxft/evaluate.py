@@ -13,13 +13,15 @@ import sys
 from pathlib import Path
 
 from jaxft import data as jdata
+from jaxft.chat import get_template
 from jaxft.config import EvalConfig, load_config
+from jaxft.errors import ConfigError
 from jaxft.generate import generate_text
 from jaxft.judge import from_config
 from jaxft.modeldir import atomic_dir, check_output
 from jaxft.state import load
 from jaxft.tasks import STOPS, get_task
-from jaxft.templates import get_template, prompt_ids
+from jaxft.templates import prompt_ids
 
 SHOT_SEPARATOR = "\n\n"  # ends each few-shot example before the next prompt
 
@@ -94,8 +96,9 @@ def run_eval(model, tok, template, task: str, records: list[dict], *, limit: int
             raise ValueError(f"--shots {shots} needs {shots} training examples, "
                              f"got {len(shot_records or [])}")
         prompts = [few_shot_ids(tok, template, shot_records[:shots], ex) for ex in records]
-    raw = generate_text(model, tok, template, records, max_new_tokens,
-                        STOPS if stop_strings is None else stop_strings,
+    if stop_strings is None:  # a chat template also stops at its own turn end
+        stop_strings = tuple(template.stops()) + STOPS if hasattr(template, "stops") else STOPS
+    raw = generate_text(model, tok, template, records, max_new_tokens, stop_strings,
                         batch_size=batch_size, prompts=prompts, **sampling)
     rows, metrics = score_predictions(task, records, raw)
     metrics["shots"] = shots
@@ -130,7 +133,8 @@ class TaskEvaluator:
 DEFAULT_FILES = {"viggo": ("viggo/train.csv", "viggo/valid.csv"),
                  "sql": ("wikisql/train.jsonl", "wikisql/valid.jsonl"),
                  "gsm8k": ("gsm8k/train.jsonl", ""),
-                 "instruct": ("instruct-ch07/instruction-data.json", "")}
+                 "instruct": ("instruct-ch07/instruction-data.json", ""),
+                 "chat": ("", "")}  # conversations: --data names the file
 
 
 def add_parser(subparsers) -> None:
@@ -143,7 +147,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shots", type=int, default=0, help="few-shot training examples per prompt")
     p.add_argument("--out", default="", help="directory for predictions.jsonl and metrics.json")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument("--template", default="special-tokens")
+    p.add_argument("--template", default="special-tokens",
+                   help="prompt template; `tokenizer`: the model's own chat template")
     p.add_argument("--include-instruction", action="store_true",
                    help="keep the instruction in templates that can leave it out")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -159,6 +164,8 @@ def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0):
     """(records to evaluate, training records for shots), with the validation split the
     trainer uses when the task has no validation file."""
     train_file, valid_file = DEFAULT_FILES[task]
+    if task == "chat" and not data:
+        raise ConfigError("--task chat needs --data FILE (conversations: JSONL, JSON, Parquet)")
     if data and Path(data).expanduser().exists():  # a path as typed, not under the data root
         data = str(Path(data).expanduser().resolve())
     cfg = load_config(None, [f"data.task={task}", f"data.train_file={train_file}",
@@ -172,7 +179,7 @@ def main(args) -> int:
     if args.out:
         check_output(args.out, args.force)
     loaded = load(args.ckpt, need_tokenizer=True)
-    template = get_template(args.template, include_instruction=args.include_instruction)
+    template = get_template(args.template, args.include_instruction, loaded.tokenizer)
     records, shot_records = load_eval_records(args.task, args.data, args.shots)
     judge = from_config(EvalConfig(judge_url=args.judge_url, judge_model=args.judge_model,
                                    judge_timeout_s=args.judge_timeout))

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxft import sharding
+from jaxft import chat, sharding
 from jaxft.state import load
 from jaxft.tasks import cut_at_stop
 from jaxft.templates import get_template, prompt_ids
@@ -258,9 +258,16 @@ def generate_text(model, tok, template, records: list[dict], max_new_tokens: int
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a model directory")
     p.add_argument("--ckpt", required=True, help="model directory (jaxft convert or a train export)")
-    p.add_argument("--prompt", required=True, help="the instruction (or raw text without --template)")
+    ask = p.add_mutually_exclusive_group(required=True)
+    ask.add_argument("--prompt", help="the instruction (or raw text without --template)")
+    ask.add_argument("--messages", metavar="FILE.json", help="a conversation (a JSON list of "
+                     "{role, content}, or an object with `messages`), rendered with the model's "
+                     "chat template and add_generation_prompt; stops at the template's turn end")
+    ask.add_argument("--chat", metavar="TEXT", help="one user turn, rendered as --messages is")
     p.add_argument("--input", default="", help="the input field, for templates that have one")
     p.add_argument("--template", default="", help="prompt template name; empty: raw text after BOS")
+    p.add_argument("--chat-template", default="", metavar="FILE.jinja",
+                   help="with --messages/--chat: this template instead of the tokenizer's")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -272,12 +279,21 @@ def add_parser(subparsers) -> None:
 def main(args) -> int:
     loaded = load(args.ckpt, need_tokenizer=True)
     tok = loaded.tokenizer
-    if args.template:
+    stops = ()
+    if args.messages is not None or args.chat is not None:
+        chat.apply_override(tok, args.chat_template)
+        template = chat.get_template(chat.NAME, tok=tok)
+        messages = chat.read_messages(args.messages) if args.messages is not None else \
+            [{"role": "user", "content": args.chat}]
+        ids, stops = template.prompt_ids(tok, {"messages": messages}), template.stops()
+    elif args.template:
         ex = {"instruction": args.prompt, "input": args.input, "output": ""}
         ids = prompt_ids(tok, get_template(args.template), ex)
     else:
         ids = [tok.bos_id] * (tok.bos_id is not None) + tok.encode(args.prompt)
+    stop_ids = [i for i in map(tok.token_id, stops) if i is not None]
     new = generate(loaded.model, [ids], args.max_new_tokens, eos_ids=(tok.eos_id,),
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(tok.decode(new[0], skip_special=True))
+                   stop_ids=stop_ids, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    print(cut_at_stop(tok.decode(new[0], skip_special=True), stops))
     return 0

@@ -23,7 +23,7 @@ import yaml
 from jaxft.errors import TemplateError
 
 FIELDS = ("instruction", "input", "output")
-TRAIN_ON = ("response", "all")
+TRAIN_ON = ("response", "all", "assistant", "last_assistant")  # the last two: chat names
 SEED_MARKERS = ("<START_Q>", "<END_Q>", "<START_A>", "<END_A>")
 
 
@@ -150,6 +150,8 @@ def _check_tokens(tok, template: Template) -> None:
 
 def prompt_ids(tok, template: Template, ex: dict) -> list[int]:
     """What generation starts from: BOS (if the tokenizer uses one) + the encoded prompt."""
+    if getattr(template, "is_chat", False):  # jaxft.chat.ChatTemplate renders its own BOS
+        return template.prompt_ids(tok, ex)
     _check_tokens(tok, template)
     return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(template.prompt(ex))
 
@@ -170,6 +172,8 @@ def tokenize_example(tok, template: Template, ex: dict, train_on: str = "respons
     (pieces from a 400-piece SentencePiece model; the data pipeline trains on targets ids[1:]
     with loss mask mask[1:], so <START_A> predicts the first response token.)
     """
+    if getattr(template, "is_chat", False):  # conversations: jaxft.chat decides the mask
+        return template.tokenize(tok, ex, train_on)
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     head = prompt_ids(tok, template, ex)
@@ -184,6 +188,8 @@ def boundary_ok(tok, template: Template, ex: dict) -> bool:
     """Whether encoding prompt + response in one go starts with exactly the prompt's tokens,
     i.e. puts a token boundary at the prompt end. When it does not (a prompt ending in a space
     before a word), generation would continue from a token split no ordinary text contains."""
+    if getattr(template, "is_chat", False):
+        return template.boundary_ok(tok, ex)
     prompt = template.prompt(ex)
     head = tok.encode(prompt)
     return tok.encode(prompt + template.response(ex))[:len(head)] == head

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -35,8 +36,15 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int
     pad_id: int
+    chat_template: str | None = None  # the model's Jinja chat template (jaxft.chat renders it)
+    chat_template_origin: str = ""  # where it was read from, for error messages
+    special_text: dict | None = None  # bos_token/eos_token/... strings of the tokenizer config
 
     def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text) and each token's (start, end) character offsets in text."""
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
@@ -60,9 +68,11 @@ class Tokenizer:
     def _hf_config(self, tokenizer_class: str, added: dict[int, tuple[str, bool]]) -> dict:
         """tokenizer_config.json in the shape transformers reads (special tokens by content)."""
         piece = lambda i: None if i is None else self.id_to_piece(i)  # noqa: E731
+        chat = {"chat_template": self.chat_template} if self.chat_template else {}
         return {
-            "tokenizer_class": tokenizer_class,
-            "bos_token": piece(self.bos_id), "eos_token": piece(self.eos_id),
+            "tokenizer_class": tokenizer_class, **chat,
+            "bos_token": piece(self.bos_id) or (self.special_text or {}).get("bos_token"),
+            "eos_token": piece(self.eos_id),
             "pad_token": piece(self.pad_id), "add_bos_token": self.bos_id is not None,
             "add_eos_token": False, "clean_up_tokenization_spaces": False,
             "added_tokens_decoder": {str(i): {"content": t, "special": special, "normalized": False,
@@ -109,6 +119,10 @@ class SentencePieceTokenizer(Tokenizer):
         self._added = {i: p.piece for i, p in enumerate(self._proto.pieces) if p.type == _USER_DEFINED}
         self._control = {i for i in range(len(self)) if sp.is_control(i)}
         self._space_id = sp.piece_to_id("\u2581")
+        self._control_text = {sp.id_to_piece(i): i for i in self._control
+                              if sp.id_to_piece(i) not in ("<pad>",)}
+        self._control_re = "(" + "|".join(map(re.escape, self._control_text)) + ")" \
+            if self._control_text else ""
 
     def __len__(self) -> int:
         return self._sp.get_piece_size()
@@ -120,6 +134,24 @@ class SentencePieceTokenizer(Tokenizer):
         if len(ids) > 1 and ids[0] == self._space_id and ids[1] in self._added:
             del ids[0]
         return ids
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Control pieces written as text (`<s>`, `</s>` in a chat template) become their ids,
+        as HF's converted tokenizer reads them; the text between them is encoded like `encode`."""
+        ids, offsets, pos = [], [], 0
+        for part in re.split(self._control_re, text) if self._control_re else [text]:
+            if part in self._control_text:
+                ids.append(self._control_text[part])
+                offsets.append((pos, pos + len(part)))
+            elif part:
+                enc = self._sp.encode(part, return_type="offset_mapping")
+                got, where = list(enc["ids"]), list(enc["offsets"])
+                if len(got) > 1 and got[0] == self._space_id and got[1] in self._added:
+                    got, where = got[1:], where[1:]  # as in encode: no dummy space before an added token
+                ids += got
+                offsets += [(pos + int(b), pos + int(e)) for b, e in where]
+            pos += len(part)
+        return ids, offsets
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -208,6 +240,10 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
+
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
@@ -240,10 +276,30 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
     if path.suffix == ".model":
-        return SentencePieceTokenizer.from_file(path)
+        return _with_chat_template(SentencePieceTokenizer.from_file(path), path.parent)
     if path.suffix == ".json":
-        return HFTokenizer.from_file(path)
+        return _with_chat_template(HFTokenizer.from_file(path), path.parent)
     raise ValueError(f"{path}: not a tokenizer file (expected a {SP_FILE} or {HF_FILE})")
+
+
+def _with_chat_template(tok: Tokenizer, folder: Path) -> Tokenizer:
+    """Attaches the chat template beside the tokenizer: chat_template.jinja, else
+    tokenizer_config.json's chat_template (a string, or a list of named ones: "default")."""
+    cfg_path = folder / CONFIG_FILE
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    text = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
+    tok.special_text = {k: text(config[k]) for k in ("bos_token", "eos_token", "unk_token",
+                                                     "pad_token") if text(config.get(k))}
+    jinja = folder / "chat_template.jinja"
+    source, origin = config.get("chat_template"), str(cfg_path)
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default")
+    if jinja.is_file():
+        source, origin = jinja.read_text(encoding="utf-8"), str(jinja)
+    if isinstance(source, str) and source:
+        tok.chat_template, tok.chat_template_origin = source, origin
+    return tok
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,

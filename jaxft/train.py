@@ -32,7 +32,7 @@ from jaxft.loss import batch_loss_sum
 from jaxft.model import param_count
 from jaxft.optim import make_optimizer, schedule
 from jaxft.report import Report, read_metrics
-from jaxft.templates import get_template
+from jaxft.chat import get_template
 from jaxft.tokenizer import load_tokenizer
 
 # Keys that may change between a run and its resumption; anything else must match.
@@ -383,7 +383,7 @@ def _task_evaluator(cfg: Config, tok):
     if not (cfg.eval.task and cfg.eval.every):
         return None
     records, _ = data.load_split(cfg, "valid")
-    template = get_template(cfg.data.template, cfg.data.include_instruction)
+    template = get_template(cfg.data.template, cfg.data.include_instruction, tok)
     return TaskEvaluator(tok, template, cfg.eval.task, records, cfg.eval.n,
                          cfg.eval.max_new_tokens, cfg.eval.batch_size)
 

@@ -24,7 +24,7 @@ __all__ = ["DataError", "TASKS", "cut", "cut_at_stop", "get_task", "read_records
 
 # task name -> module under jaxft.tasks
 TASKS = {"viggo": "viggo", "sql": "sql", "gsm8k": "gsm8k", "alpaca": "instruct",
-         "instruct": "instruct", "jsonl": "generic", "csv": "generic"}
+         "instruct": "instruct", "jsonl": "generic", "csv": "generic", "chat": "chat"}
 
 # Where generated text stops being the answer: the special-token template's end marker, the
 # next Alpaca/Phi-3 section, or an end-of-text token the tokenizer decoded as text.
@@ -37,14 +37,16 @@ def get_task(name: str) -> ModuleType:
     return importlib.import_module(f"jaxft.tasks.{TASKS[name]}")
 
 
-def read_records(task: str, path: str | os.PathLike,
-                 fields: dict | None = None) -> tuple[list[dict], int]:
+def read_records(task: str, path: str | os.PathLike, fields: dict | None = None,
+                 chat_format: str = "auto") -> tuple[list[dict], int]:
     """Reads `path` with the reader of `task`; returns (records, number of skipped examples).
     Records without an instruction of their own get the task's INSTRUCTION; templates decide
     whether to show it (`include_instruction`)."""
     mod = get_task(task)
     if task in ("jsonl", "csv"):
         return mod.read_format(path, task, fields)
+    if task == "chat":
+        return mod.read(path, fields, chat_format)
     records, skipped = mod.read(path, fields)
     if getattr(mod, "INSTRUCTION", ""):
         for r in records:
