@@ -367,7 +367,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--from-hf", metavar="DIR", help="HF Llama directory to import")
     src.add_argument("--to-hf", metavar="CKPT", help="jaxft model directory to export")
     src.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file to import")
-    p.add_argument("--out", required=True, help="directory to write")
+    src.add_argument("--to-gguf", metavar="CKPT", help="jaxft model directory to export as one "
+                     "GGUF file (an Ollama Modelfile is written beside it)")
+    p.add_argument("--out", required=True, help="directory (or, with --to-gguf, file) to write")
+    p.add_argument("--type", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="GGUF export: type of the 2-D weights (norms stay f32)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--max-shard-size", default="5GB", help="HF export: bytes per safetensors file")
     p.set_defaults(func=run)
@@ -379,6 +383,9 @@ def run(args) -> int:
         out = from_hf(args.from_hf, args.out, args.force)
     elif args.to_hf:
         out = to_hf_dir(args.to_hf, args.out, args.force, args.max_shard_size)
+    elif args.to_gguf:
+        from jaxft.gguf_export import to_gguf  # imports convert: a top-level import would cycle
+        out = to_gguf(args.to_gguf, args.out, args.type, args.force)
     else:
         from jaxft.gguf import from_gguf
         out = from_gguf(args.from_gguf, args.out, args.force)
