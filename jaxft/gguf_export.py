@@ -90,29 +90,29 @@ def rope_freq_factors(cfg: ModelConfig) -> np.ndarray:
 
 
 class ParamReader:
-    """Reads one layer slice of one param from a model dir's Orbax checkpoint.
+    """Reads one param of a model dir's Orbax checkpoint at a time, then serves its layers.
 
-    Orbax writes each param as a zarr array inside an OCDBT store; opening that array with
-    tensorstore (Orbax's own storage layer) reads a slice without restoring the whole tree,
-    which is what keeps the export's peak memory at one tensor."""
+    Orbax writes each param as one zstd-compressed zarr chunk inside an OCDBT store. Opening
+    that array with tensorstore (Orbax's own storage layer) reads one param without restoring
+    the tree; a chunk decodes whole, so the param last read is kept for its next layer."""
 
     def __init__(self, model_dir: Path):
-        self._open = {}
-        self.base = f"file://{(model_dir / 'params').absolute()}/"
         if not (model_dir / "params").is_dir():
             raise ConvertError(f"{model_dir}: params/ is missing (not a jaxft model directory)")
+        self.base = f"file://{(model_dir / 'params').absolute()}/"
+        self._key, self._value = "", None
 
     def read(self, path: tuple[str, ...], layer: int | None) -> np.ndarray:
         key = ".".join(path)
-        if key not in self._open:
+        if key != self._key:
+            self._key, self._value = key, None  # drop the previous param before reading
             spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": self.base,
                                                   "path": key + "/"}}
             try:
-                self._open[key] = ts.open(spec, open=True).result()
+                self._value = ts.open(spec, open=True).result().read().result()
             except ValueError as e:
                 raise ConvertError(f"{self.base}: param {key} cannot be read ({e})") from None
-        arr = self._open[key]
-        return np.asarray((arr if layer is None else arr[layer]).read().result())
+        return self._value if layer is None else self._value[layer]
 
 
 def encode_tensor(w: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -201,6 +201,9 @@ def bpe_pre(pre: dict | None, where: Path) -> str:
     """llama.cpp's name for a tokenizer.json pre-tokenizer (it has the regexes built in)."""
     steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
     kinds = [(s or {}).get("type") for s in steps]
+    if any((s or {}).get("add_prefix_space") for s in steps):
+        raise ConvertError(f"{where}: ByteLevel add_prefix_space=true (a space before every text "
+                           "piece) has no llama.cpp equivalent")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):

@@ -20,7 +20,7 @@ from jaxft.generate import generate
 from jaxft.gguf import from_gguf
 from jaxft.model import Llama
 from jaxft.modeldir import save_model
-from jaxft.tokenizer import HFTokenizer
+from jaxft.tokenizer import HFTokenizer, load_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install -e '.[test]')")
 
@@ -44,7 +44,7 @@ def bpe_tokenizer(d: Path) -> HFTokenizer:
     """A real byte-level BPE trained here, with ChatML markers and a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel()
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # as SmolLM2, Llama-3
     corpus = ["the quick brown fox jumps over the lazy dog", "numbers 0 1 2 3 4 5 6 7 8 9 and words",
               "hello world, what is up?"] * 20
     core.train_from_iterator(corpus, trainers.BpeTrainer(
@@ -113,8 +113,9 @@ def llama3_rope(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sp(tmp_path_factory, sp_tokenizer):
     root = tmp_path_factory.mktemp("spm")
-    sp_tokenizer.add_special_tokens(["<START_Q>", "<END_Q>"])
-    d = tiny_model_dir(root / "model", sp_tokenizer, seed=3)
+    tok = load_tokenizer(sp_tokenizer.save(root / "tok"))  # a copy: the fixture is shared
+    tok.add_special_tokens(["<START_Q>", "<END_Q>"])
+    d = tiny_model_dir(root / "model", tok, seed=3)
     return d, export(d, root / "sp-f32.gguf", "f32")
 
 
@@ -145,8 +146,9 @@ def check_logits(d: Path, path: Path, texts, atol: float) -> float:
 def test_tiny_bpe_logits_match_llama_cpp(bpe):
     d, files = bpe
     check_logits(d, files["f32"], TEXTS, atol=1e-3)
-    # q8_0: measured worst 0.011 on logits of spread ~3 (round-to-nearest int8 per 32 weights)
-    assert check_logits(d, files["q8_0"], TEXTS, atol=0.05) > 1e-4  # it really is quantized
+    # q8_0: measured worst 0.086 on logits of std ~1 (f32: 1.5e-6). llama.cpp quantizes the
+    # activations to 8 bits too before a Q8_0 matmul, so this is both rounding errors.
+    assert check_logits(d, files["q8_0"], TEXTS, atol=0.15) > 1e-3  # it really is quantized
 
 
 def test_llama3_rope_scaling_matches_llama_cpp(llama3_rope):
@@ -173,8 +175,8 @@ def test_sentencepiece_space_after_added_token_is_llama_cpps(sp):
     d, path = sp
     tok, llm = jaxft.load(d).tokenizer, llama(path)
     got = llm.tokenize(b"<START_Q>Tetris", add_bos=False, special=True)
-    assert got == [tok.token_id("<START_Q>")] + tok.encode(" Tetris")
-    assert tok.encode("<START_Q>Tetris") == [tok.token_id("<START_Q>")] + tok.encode("Tetris")[1:]
+    assert got == [tok.token_id("<START_Q>")] + tok.encode("Tetris")  # "▁T", "e", ...
+    assert [tok.id_to_piece(i) for i in tok.encode("<START_Q>Tetris")][:2] == ["<START_Q>", "T"]
 
 
 def test_tokenizer_ids_match_llama_cpp(bpe, smol):
@@ -202,8 +204,8 @@ def test_smollm2_logits_match_llama_cpp(smol):
     d, files = smol
     texts = ["The capital of France is", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
     check_logits(d, files["f32"], texts, atol=1e-3)
-    # q8_0 of the real model: measured worst 0.37 on logits of spread ~30
-    check_logits(d, files["q8_0"], texts, atol=1.0)
+    # q8_0 of the real model: measured worst 1.23 on logits of std ~3 and max ~17
+    check_logits(d, files["q8_0"], texts, atol=2.5)
 
 
 def test_metadata_llama_cpp_reads(bpe):
@@ -243,14 +245,16 @@ def test_round_trip_gguf_jaxft_gguf_is_identical(bpe, tmp_path):
 def test_transformers_gguf_loader_matches_jaxft(bpe, smol):
     import torch
     import transformers
-    for d, path in ((bpe[0], bpe[1]["f32"]), (smol[0], smol[1]["f32"])):
+    # SmolLM2: measured 2.8e-4 on logits up to ~17 over 30 layers, float32 rounding of two
+    # implementations (jax vs torch); the tiny model is within 1e-4.
+    for d, path, atol in ((bpe[0], bpe[1]["f32"], 1e-4), (smol[0], smol[1]["f32"], 1e-3)):
         loaded = jaxft.load(d)
         ref = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
         ids = loaded.tokenizer.encode("the quick brown fox, 42 times")
         with torch.no_grad():
             want = ref(torch.tensor([ids])).logits.numpy()[0]
-        np.testing.assert_allclose(jaxft_logits(loaded, ids), want, atol=1e-4, rtol=0, err_msg=str(d))
+        np.testing.assert_allclose(jaxft_logits(loaded, ids), want, atol=atol, rtol=0, err_msg=str(d))
 
 
 def test_existing_output_is_kept_without_force(bpe, capsys):
@@ -265,6 +269,13 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert convert.main(["--to-gguf", str(tmp_path / "nope"), "--out", str(tmp_path / "x.gguf")]) == 2
     assert "no such jaxft model directory" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_prefix_space_bpe_is_refused(tmp_path):
+    from jaxft.convert import ConvertError
+    from jaxft.gguf_export import bpe_pre
+    with pytest.raises(ConvertError, match="add_prefix_space"):
+        bpe_pre({"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}, tmp_path / "t.json")
 
 
 def test_tools_wrapper_exports_gguf(bpe, tmp_path):
