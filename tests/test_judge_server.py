@@ -42,11 +42,21 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def wait_ready(proc, base: str, limit_s: float = 120.0) -> None:
+def start_server(port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """llama-cpp-python's OpenAI-compatible server; its ~200 kB of load log goes to a file
+    (a pipe nobody reads would fill and stall it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
+             "--host", "127.0.0.1", "--port", str(port), *extra],
+            stdout=f, stderr=subprocess.STDOUT)
+
+
+def wait_ready(proc, base: str, log: Path, limit_s: float = 120.0) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < limit_s:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}:\n{proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(base + "/models", timeout=2) as r:
                 if r.status == 200 and json.loads(r.read())["data"]:
@@ -57,16 +67,12 @@ def wait_ready(proc, base: str, limit_s: float = 120.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
-         "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
-         "--n_threads", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def server(tmp_path_factory):
+    port, log = free_port(), tmp_path_factory.mktemp("srv") / "server.log"
+    proc = start_server(port, log, "--model_alias", "smollm2", "--n_ctx", "1024", "--n_threads", "2")
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        wait_ready(proc, base)
+        wait_ready(proc, base, log)
         yield proc, base
     finally:
         if proc.poll() is None:
@@ -133,14 +139,11 @@ def test_dead_server_and_closed_port_are_clear_errors(model_dir, tmp_path, capsy
 
 def test_server_killed_mid_run(tmp_path):
     """A second server, killed after its first reply: the next request fails at once."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "512", "--n_threads", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    port, log = free_port(), tmp_path / "server.log"
+    proc = start_server(port, log, "--n_ctx", "512", "--n_threads", "1")
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        wait_ready(proc, base)
+        wait_ready(proc, base, log)
         judge = Judge(base, "m", timeout_s=TIMEOUT)
         judge._request("Reply with the number 7 only.")  # a real reply first
         proc.kill()
