@@ -1,11 +1,7 @@
-"""`jaxft convert`: HF Llama directories (safetensors or legacy .bin) <-> jaxft model directories.
+"""`jaxft convert`: HF Llama directories (safetensors or legacy .bin) <-> jaxft model
+directories, GGUF files in (`jaxft.gguf`) and out (`jaxft.gguf_export`).
 
-The mapping is one key table, `TABLE`: each HF tensor name, the jaxft param it fills, and how
-many of the jaxft dims are the matmul input. Every HF linear weight is stored (out, in), every
-jaxft one (in..., out...), so one rule covers them all: `jaxft = hf.T.reshape(jaxft_shape)` and
-back `hf = jaxft.reshape(hf_shape[::-1]).T`. HF q/k already use the half-rotation rope layout
-of `jaxft.model`, so nothing is permuted here (GGUF's permuted q/k are undone by `jaxft.gguf`,
-whose reader feeds the same table under HF names).
+The mapping is one key table, `jaxft.keymap.TABLE`, and its one layout rule.
 
 Conversion streams tensor by tensor: it holds one copy of the params (being built or read back)
 plus one tensor or one output shard; Orbax's write buffers come on top (bench/convert_memory.py).
@@ -17,7 +13,6 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -30,77 +25,18 @@ from safetensors.numpy import save_file
 from jaxft.config import ModelConfig
 from jaxft.errors import ConvertError
 from jaxft.gguf import GGUFWeights, config_from_gguf, tokenizer_files
-from jaxft.model import EMBED, LM_HEAD, VOCAB_PARAMS
+from jaxft.gguf_export import to_gguf
+from jaxft.keymap import IGNORED, Entry, hf_names, hf_shape, jaxft_shapes, to_hf, to_jaxft
+from jaxft.model import VOCAB_PARAMS
 from jaxft.modeldir import (atomic_dir, check_output, load_params, read_config, save_params,
                             write_config)
 from jaxft.state import abstract_params
 from jaxft.tokenizer import load_tokenizer
 
-
-@dataclass(frozen=True)
-class Entry:
-    hf: str  # HF tensor name; "{i}" marks one tensor per layer, stacked on the jaxft side
-    path: tuple[str, ...]  # where it lives in the jaxft params dict
-    n_in: int  # leading jaxft dims that are the matmul input; 0: copied as is (norms, rows)
-
-
-TABLE = (
-    Entry("model.embed_tokens.weight", (EMBED,), 0),
-    Entry("model.layers.{i}.input_layernorm.weight", ("blocks", "attn_norm", "weight"), 0),
-    Entry("model.layers.{i}.self_attn.q_proj.weight", ("blocks", "attn", "wq_DxHxE"), 1),
-    Entry("model.layers.{i}.self_attn.k_proj.weight", ("blocks", "attn", "wk_DxKxE"), 1),
-    Entry("model.layers.{i}.self_attn.v_proj.weight", ("blocks", "attn", "wv_DxKxE"), 1),
-    Entry("model.layers.{i}.self_attn.o_proj.weight", ("blocks", "attn", "wo_HxExD"), 2),
-    Entry("model.layers.{i}.post_attention_layernorm.weight", ("blocks", "mlp_norm", "weight"), 0),
-    Entry("model.layers.{i}.mlp.gate_proj.weight", ("blocks", "mlp", "w_gate_DxF"), 1),
-    Entry("model.layers.{i}.mlp.up_proj.weight", ("blocks", "mlp", "w_up_DxF"), 1),
-    Entry("model.layers.{i}.mlp.down_proj.weight", ("blocks", "mlp", "w_down_FxD"), 1),
-    Entry("model.norm.weight", ("final_norm", "weight"), 0),
-    Entry("lm_head.weight", (LM_HEAD,), 0),
-)
-# Buffers some old checkpoints saved beside the weights; they are recomputed, never read.
-IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def jaxft_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Shape of every jaxft param by path (stacked ones lead with the layers axis)."""
-    flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
-    return {tuple(k.key for k in path): x.shape for path, x in flat}
-
-
-def hf_names(cfg: ModelConfig) -> list[tuple[str, Entry, int | None]]:
-    """(HF name, table entry, layer index or None) for every tensor an HF checkpoint holds."""
-    out = []
-    for entry in TABLE:
-        if entry.path == (LM_HEAD,) and cfg.tie_embeddings:
-            continue
-        if "{i}" in entry.hf:
-            out += [(entry.hf.format(i=i), entry, i) for i in range(cfg.n_layers)]
-        else:
-            out.append((entry.hf, entry, None))
-    return out
-
-
-def hf_shape(entry: Entry, cfg: ModelConfig, shapes: dict) -> tuple[int, ...]:
-    """The HF shape of a table entry; `shapes` is `jaxft_shapes(cfg)`."""
-    js = shapes[entry.path][1 if "{i}" in entry.hf else 0:]
-    if entry.path[0] in VOCAB_PARAMS:
-        return (cfg.vocab_size, cfg.dim)  # jaxft pads rows up to padded_vocab
-    if entry.n_in == 0:
-        return js
-    return (math.prod(js[entry.n_in:]), math.prod(js[:entry.n_in]))
-
-
-def to_jaxft(w: np.ndarray, entry: Entry, js: tuple[int, ...]) -> np.ndarray:
-    return w if entry.n_in == 0 else w.T.reshape(js)
-
-
-def to_hf(w: np.ndarray, entry: Entry, hs: tuple[int, ...]) -> np.ndarray:
-    return np.ascontiguousarray(w[: hs[0]] if entry.n_in == 0 else w.reshape(hs[::-1]).T)
 
 
 def _rope_scaling(sc: dict | None, where: str) -> dict | None:
@@ -356,7 +292,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--from-hf", metavar="DIR", help="HF Llama directory to import")
     src.add_argument("--to-hf", metavar="CKPT", help="jaxft model directory to export")
     src.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file to import")
-    p.add_argument("--out", required=True, help="directory to write")
+    src.add_argument("--to-gguf", metavar="CKPT", help="jaxft model directory to export as one "
+                     "GGUF file (an Ollama Modelfile is written beside it)")
+    p.add_argument("--out", required=True, help="directory (or, with --to-gguf, file) to write")
+    p.add_argument("--type", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="GGUF export: type of the 2-D weights (norms stay f32)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--max-shard-size", default="5GB", help="HF export: bytes per safetensors file")
     p.set_defaults(func=main)
@@ -386,6 +326,8 @@ def main(args) -> int:
         out = from_hf(args.from_hf, args.out, args.force)
     elif args.to_hf:
         out = to_hf_dir(args.to_hf, args.out, args.force, args.max_shard_size)
+    elif args.to_gguf:
+        out = to_gguf(args.to_gguf, args.out, args.type, args.force)
     else:
         out = from_gguf(args.from_gguf, args.out, args.force)
     print(f"wrote {out}")

@@ -26,6 +26,11 @@ class JudgeError(RuntimeError):
     """The judge endpoint failed or replied with something that is not a score."""
 
 
+class JudgeUnreachable(JudgeError):
+    """No reply at all (nobody listening, connection lost, timeout): every later item would
+    wait as long again, so a run stops at the first one instead of counting it per item."""
+
+
 class OutputExistsError(FileExistsError):
     """An output that exists and was not allowed to be overwritten."""
 

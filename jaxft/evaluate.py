@@ -65,7 +65,8 @@ def judge_rows(judge, records: list[dict], rows: list[dict], metrics: dict) -> N
     for row, s in zip(rows, report.scores):
         row["judge_score"] = s
     metrics["judge_mean"] = report.mean
-    metrics["judge_failed"] = len(report.errors)
+    metrics["judge_scored"] = sum(s is not None for s in report.scores)
+    metrics["judge_failed"] = len(report.errors)  # replies without a 0-100 score
     for e in report.errors:
         print(f"jaxft eval: {e}", file=sys.stderr)
 

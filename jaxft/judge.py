@@ -6,6 +6,7 @@ Only the standard library talks to it, so nothing extra is installed for an opti
 """
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import socket
@@ -15,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from jaxft.config import EvalConfig
-from jaxft.errors import JudgeError
+from jaxft.errors import JudgeError, JudgeUnreachable
 
 PROMPT = (
     "You grade answers to instructions. Compare the model response with the reference answer "
@@ -50,13 +51,15 @@ class JudgeReport:
 class Judge:
     def __init__(self, url: str, model: str, timeout_s: float = 60.0):
         path = urllib.parse.urlsplit(url).path.rstrip("/")
+        if path.endswith("/v1"):  # an OpenAI-compatible base URL, as servers print it
+            url, path = url.rstrip("/") + "/chat/completions", path + "/chat/completions"
         if path.endswith("/api/chat"):
             self.kind = "ollama"
         elif path.endswith("/chat/completions"):
             self.kind = "openai"
         else:
             raise ValueError(f"judge url {url!r}: expected an Ollama .../api/chat or an "
-                             "OpenAI-compatible .../v1/chat/completions endpoint")
+                             "OpenAI-compatible .../v1 or .../v1/chat/completions endpoint")
         self.url, self.model, self.timeout_s = url, model, timeout_s
 
     def _request(self, prompt: str) -> str:
@@ -72,13 +75,15 @@ class Judge:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 raw = r.read()
         except (TimeoutError, socket.timeout):
-            raise JudgeError(f"judge {self.url}: no reply within {self.timeout_s:g} s") from None
+            raise JudgeUnreachable(f"judge {self.url}: no reply within {self.timeout_s:g} s") from None
         except urllib.error.HTTPError as e:
             raise JudgeError(f"judge {self.url}: HTTP {e.code} {e.reason}") from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise JudgeError(f"judge {self.url}: no reply within {self.timeout_s:g} s") from None
-            raise JudgeError(f"judge {self.url}: cannot connect ({e.reason})") from None
+                raise JudgeUnreachable(f"judge {self.url}: no reply within {self.timeout_s:g} s") from None
+            raise JudgeUnreachable(f"judge {self.url}: cannot connect ({e.reason})") from None
+        except (ConnectionError, http.client.HTTPException) as e:  # the server died mid-reply
+            raise JudgeUnreachable(f"judge {self.url}: connection lost ({e!r})") from None
         try:
             reply = json.loads(raw)
             if self.kind == "ollama":
@@ -97,12 +102,15 @@ class Judge:
         return n
 
     def score_all(self, items: list[tuple[str, str, str]]) -> JudgeReport:
-        """Scores (instruction, reference, response) triples; a failure is recorded and
-        skipped, so one bad reply does not lose the rest of the run."""
+        """Scores (instruction, reference, response) triples; a reply without a score is
+        recorded and skipped, so one bad reply does not lose the rest of the run. An
+        unreachable judge (JudgeUnreachable) ends the run with that error."""
         report = JudgeReport(scores=[])
         for i, (instruction, reference, response) in enumerate(items):
             try:
                 report.scores.append(self.score(instruction, reference, response))
+            except JudgeUnreachable:
+                raise
             except JudgeError as e:
                 report.scores.append(None)
                 report.errors.append(f"item {i}: {e}")
