@@ -1,4 +1,4 @@
-"""`jaxft train|eval|generate|convert|plan|audit`: a short entry point; each subcommand's
+"""`jaxft train|eval|generate|convert|plan|audit|lm-eval`: a short entry point; each subcommand's
 parser and logic live in its own module, which exposes `add_parser(subparsers)`."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("train", "evaluate", "generate", "convert", "plan", "audit")
+SUBCOMMANDS = ("train", "evaluate", "generate", "convert", "plan", "audit", "lm_eval_cli")
 
 
 def main(argv: list[str] | None = None) -> int:
