@@ -198,7 +198,7 @@ class JaxftLM(TemplateLM):
         self.model, self.tok, self.cfg = loaded.model, loaded.tokenizer, loaded.config
         graphdef, self._state = nnx.split(self.model)
         self._graphdef = _Static(graphdef)
-        dp = int(np.prod([self.mesh.shape[a] for a in sharding.RULES["batch"]]))
+        dp = int(np.prod([self.mesh.shape[ax] for ax in sharding.RULES["batch"]]))
         self._rows = round_up(self.batch_size, dp)  # every scoring batch has this many rows
         bos = config_bos_id(d / "tokenizer", self.tok)
         self._prefix = a["prefix_token_id"] if a["prefix_token_id"] is not None else (
@@ -240,7 +240,8 @@ class JaxftLM(TemplateLM):
         with it already."""
         add = add_special_tokens
         if add is None:
-            add = not string.startswith(self.tok.decode([self._prefix]))
+            prefix = self.tok.decode([self._prefix])
+            add = not (prefix and string.startswith(prefix))
         ids = self.tok.encode(string)
         if add and self.tok.bos_id is not None:
             ids = [self.tok.bos_id] + ids

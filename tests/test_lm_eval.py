@@ -17,6 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.utils import setup_logging  # noqa: E402
 
 from jaxft import convert, modeldir, presets, sharding  # noqa: E402
 from jaxft.__main__ import main as cli  # noqa: E402
@@ -24,7 +25,12 @@ from jaxft.config import MeshConfig  # noqa: E402
 from jaxft.lm_eval import JaxftLM, LMEvalError  # noqa: E402
 from jaxft.tokenizer import load_tokenizer  # noqa: E402
 
-CORPUS = ["the quick brown fox jumps over the lazy dog.", "a cat sat on the mat and looked at the dog.",
+# lm-eval binds its log handler to sys.stderr on first use: bind it now, not to one test's
+# captured stream (which closes, and later log lines would fail to write).
+setup_logging()
+
+CORPUS = ["the quick brown fox jumps over the lazy dog.",
+          "a cat sat on the mat and looked at the dog.",
           "what is the colour of the sky? the sky is blue.", "the dog ran to the cat and sat down."]
 MAX_LENGTH, MAX_GEN = 48, 16  # small enough that long requests get truncated and windowed
 LONG = " ".join(CORPUS * 2)  # longer than MAX_LENGTH tokens
@@ -34,8 +40,10 @@ def write_tokenizer(d):
     """A byte-level BPE over CORPUS, with a config naming BOS (never added) and EOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=200, special_tokens=["<s>", "</s>"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<s>", "</s>"])
+    tok.train_from_iterator(CORPUS * 20, trainer)
     d.mkdir()
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
@@ -59,7 +67,8 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     tok = write_tokenizer(root / "tok")
     cfg = dataclasses.replace(presets.get("tiny"), vocab_size=len(tok), max_seq_len=128)
-    model = sharding.init_model(cfg, sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]), seed=3)
+    one_device = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    model = sharding.init_model(cfg, one_device, seed=3)
     modeldir.save_model(root / "jx", model, tok)
     convert.to_hf_dir(root / "jx", root / "hf")
     tasks = root / "tasks"
@@ -71,8 +80,9 @@ def dirs(tmp_path_factory):
     task_yaml(tasks, "t_mc", write_jsonl(root / "mc.jsonl", mc), "multiple_choice",
               'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
               'target_delimiter: ""\nmetric_list:\n  - metric: acc\n')
-    task_yaml(tasks, "t_ppl", write_jsonl(root / "ppl.jsonl", [{"text": t} for t in CORPUS + [LONG]]),
-              "loglikelihood_rolling", 'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+    ppl = write_jsonl(root / "ppl.jsonl", [{"text": t} for t in CORPUS + [LONG]])
+    task_yaml(tasks, "t_ppl", ppl, "loglikelihood_rolling",
+              'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
               'metric_list:\n  - metric: word_perplexity\n')
     gen = [{"q": t[:12], "a": t[12:]} for t in CORPUS] + [{"q": LONG, "a": "x"}]
     task_yaml(tasks, "t_gen", write_jsonl(root / "gen.jsonl", gen), "generate_until",
@@ -94,9 +104,14 @@ def runs(dirs, lm):
     hf_args = f"pretrained={dirs[1]},dtype=float32,device=cpu,batch_size=4,max_length={MAX_LENGTH}"
     out = {}
     for name, model, args in [("jaxft", lm, None), ("hf", "hf", hf_args)]:
-        out[name] = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["t_mc", "t_ppl", "t_gen"],
-                                            task_manager=tm, log_samples=True, bootstrap_iters=0)
+        out[name] = lm_eval.simple_evaluate(model=model, model_args=args,
+                                            tasks=["t_mc", "t_ppl", "t_gen"], task_manager=tm,
+                                            log_samples=True, bootstrap_iters=0)
     return out
+
+
+def gen_requests(contexts, **gen_kwargs):
+    return [Instance("generate_until", {}, (c, gen_kwargs), i) for i, c in enumerate(contexts)]
 
 
 def resps(run, task):
@@ -116,7 +131,7 @@ def test_multiple_choice_matches_hf(runs, lm, dirs):
 
 def test_is_greedy_when_the_continuation_is_the_models_own(lm):
     ctx = "the sky is"
-    greedy = lm.generate_until([Instance("generate_until", {}, (ctx, {"until": [], "max_gen_toks": 3}), 0)])[0]
+    greedy = lm.generate_until(gen_requests([ctx], until=[], max_gen_toks=3))[0]
     other = " zzz" if not greedy.startswith(" zzz") else " qqq"
     (lp_g, is_g), (lp_o, is_o) = lm.loglikelihood(
         [Instance("loglikelihood", {}, (ctx, c), i) for i, c in enumerate([greedy, other])])
@@ -137,15 +152,13 @@ def test_greedy_generation_matches_hf(runs, lm):
     assert ours == ref and len(ours) == 5
     assert lm.truncated["generate_until"] == 1  # LONG is over MAX_LENGTH - MAX_GEN tokens
     # Without stop strings the same prompts run on: some output was cut at "." or "the".
-    free = lm.generate_until([Instance("generate_until", {}, (t[:12], {"until": [], "max_gen_toks": MAX_GEN}), i)
-                              for i, t in enumerate(CORPUS)])
+    free = lm.generate_until(gen_requests([t[:12] for t in CORPUS], until=[], max_gen_toks=MAX_GEN))
     assert all(f.startswith(o) for f, o in zip(free, ours))
     assert any(len(f) > len(o) for f, o in zip(free, ours))
 
 
 def test_decode_rounds_give_the_same_greedy_text(dirs, lm):
-    reqs = [Instance("generate_until", {}, (t[:10], {"until": ["fox"], "max_gen_toks": 20}), i)
-            for i, t in enumerate(CORPUS)]
+    reqs = gen_requests([t[:10] for t in CORPUS], until=["fox"], max_gen_toks=20)
     one_round = lm.generate_until(reqs)
     short = JaxftLM(path=str(dirs[0]), batch_size=4, max_length=MAX_LENGTH)
     short.FIRST_ROUND = 3  # rounds of 3, 6, 11 tokens, each re-prefilled
@@ -154,8 +167,8 @@ def test_decode_rounds_give_the_same_greedy_text(dirs, lm):
 
 def test_sampling_is_seeded_and_differs_from_greedy(lm):
     def run(**kw):
-        args = {"until": [], "max_gen_toks": 12, **kw}
-        return lm.generate_until([Instance("generate_until", {}, (t[:8], args), i) for i, t in enumerate(CORPUS)])
+        reqs = gen_requests([t[:8] for t in CORPUS], until=[], max_gen_toks=12, **kw)
+        return lm.generate_until(reqs)
     greedy = run(do_sample=False)
     a, b = run(do_sample=True, temperature=1.0), run(do_sample=True, temperature=1.0)
     assert a == b and a != greedy
@@ -205,6 +218,44 @@ def test_cli_errors_are_one_line_exit_2(dirs, capsys):
 
 
 def test_unsupported_gen_kwarg_is_named(lm):
-    req = Instance("generate_until", {}, ("the", {"until": [], "repetition_penalty": 1.2}), 0)
     with pytest.raises(LMEvalError, match="gen_kwargs repetition_penalty"):
-        lm.generate_until([req])
+        lm.generate_until(gen_requests(["the"], until=[], repetition_penalty=1.2))
+
+
+def test_sentencepiece_bos_and_empty_context_match_hf(sp_tokenizer, tmp_path):
+    """A tokenizer that adds BOS (SentencePiece, Llama-2 style): encodings, the prefix token of
+    an empty context and rolling windows agree with the hf backend request by request."""
+    from lm_eval.models.huggingface import HFLM
+    cfg = dataclasses.replace(presets.get("tiny"), vocab_size=len(sp_tokenizer), max_seq_len=64)
+    one_device = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    modeldir.save_model(tmp_path / "jx", sharding.init_model(cfg, one_device, seed=5), sp_tokenizer)
+    convert.to_hf_dir(tmp_path / "jx", tmp_path / "hf")
+    ours = JaxftLM(path=str(tmp_path / "jx"), batch_size=2, max_length=32)
+    ref = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=2,
+               max_length=32)
+    texts = ["The Witcher 3 is a great game.", "family friendly: yes", ""]
+    assert [ours.tok_encode(t) for t in texts] == [ref.tok_encode(t) for t in texts]
+    assert ours.tok_encode(texts[0])[0] == sp_tokenizer.bos_id == ours.prefix_token_id
+    assert ref.prefix_token_id == ours.prefix_token_id
+    # (No text here starts with a space: there jaxft's SentencePiece tokenizer, like the
+    # sentencepiece library, keeps a lone "▁" piece that transformers' converted one drops.)
+    ll = [Instance("loglikelihood", {}, ("", "great game"), 0),
+          Instance("loglikelihood", {}, ("The Witcher 3 is", " a great game."), 1)]
+    rolling = [Instance("loglikelihood_rolling", {}, (" ".join(texts[:2] * 6),), 0)]
+    np.testing.assert_allclose([x for x, _ in ours.loglikelihood(ll)],
+                               [x for x, _ in ref.loglikelihood(ll)], rtol=1e-4)
+    np.testing.assert_allclose(ours.loglikelihood_rolling(rolling),
+                               ref.loglikelihood_rolling(rolling), rtol=1e-4)
+
+
+def test_generate_keep_stop_keeps_the_stop_token(lm):
+    from jaxft.generate import generate
+    prompts = [lm.tok_encode(t[:10]) for t in CORPUS]
+    free = generate(lm.model, prompts, 12)
+    stop = free[0][3]
+    kept = generate(lm.model, prompts, 12, stop_ids=[stop], keep_stop=True)
+    cut = generate(lm.model, prompts, 12, stop_ids=[stop])
+    for f, k, c in zip(free, kept, cut):
+        end = f.index(stop) if stop in f else len(f)
+        assert k == f[:end + 1] and c == f[:end]
+    assert kept[0] == free[0][:4]
