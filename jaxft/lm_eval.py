@@ -8,9 +8,10 @@ its command line to lm-eval's own CLI.
 
 Requests are tokenised, prefixed, windowed and left-truncated the way lm-eval's `hf` backend
 does it, so a jaxft model and its `jaxft convert --to-hf` export score the same. The work is
-batched: loglikelihood rows are sorted longest first, identical inputs run once, and shapes are
-bucketed (rows fixed, lengths to a few sizes) so compiles are reused from batch to batch.
-Generation is `jaxft.generate` (KV cache, one jitted decode loop per batch).
+batched: loglikelihood rows are sorted longest first, a context shared by several
+continuations (multiple choice) is prefilled once into a KV cache that each continuation then
+reads, and shapes are bucketed (rows fixed, lengths to a few sizes) so compiles are reused from
+batch to batch. Generation is `jaxft.generate` (KV cache, one jitted decode loop per batch).
 
 model_args: path (required), batch_size, max_length (default: the model's max_seq_len),
 mesh (DATAxFSDPxTENSOR such as 1x-1x1, or "auto": every device on fsdp; default "1x1x1":
@@ -36,7 +37,7 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
 import jaxft
 from jaxft import modeldir, sharding
 from jaxft.config import ConfigError, MeshConfig
-from jaxft.generate import _Static, bucket, generate, round_up
+from jaxft.generate import _Static, bucket, generate, left_pad, round_up
 from jaxft.loss import token_nll
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,11 @@ def length_bucket(n: int) -> int:
     return bucket(n, 16) if n <= 256 else round_up(n, 256)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "chunk"))
-def _score(graphdef, state, ids_BxL, row_R, start_R, targets_RxC, mask_RxC, *, chunk: int):
-    """For each scored span r (C target slots of row row_R[r] from slot start_R[r]): the sum of
-    log p(target) over its masked-in slots, and whether every such target was the argmax."""
-    model = nnx.merge(graphdef.graphdef, state)
-    h_BxLxD, _ = model.hidden(ids_BxL)
+def _span_scores(model, h_RxCxD, targets_RxC, mask_RxC, chunk: int):
+    """Per span r: the sum of log p(target) over its masked-in slots (the hidden state at
+    slot c predicts target c), and whether every such target was the argmax. The logits exist
+    one chunk of slots at a time."""
     r, c = targets_RxC.shape
-    slots_RxC = jnp.minimum(start_R[:, None] + jnp.arange(c), ids_BxL.shape[1] - 1)
-    h_RxCxD = h_BxLxD[row_R[:, None], slots_RxC]
 
     def one(xs):
         h_RxKxD, tgt_RxK, m_RxK = xs
@@ -82,6 +79,33 @@ def _score(graphdef, state, ids_BxL, row_R, start_R, targets_RxC, mask_RxC, *, c
 
     lp_NxR, greedy_NxR = jax.lax.map(one, (chunks(h_RxCxD), chunks(targets_RxC), chunks(mask_RxC)))
     return lp_NxR.sum(0), greedy_NxR.all(0)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _score(graphdef, state, ids_BxL, row_R, start_R, targets_RxC, mask_RxC, *, chunk: int):
+    """Span r: the C target slots of row row_R[r] from slot start_R[r], one full forward."""
+    model = nnx.merge(graphdef.graphdef, state)
+    h_BxLxD, _ = model.hidden(ids_BxL)
+    c = targets_RxC.shape[1]
+    slots_RxC = jnp.minimum(start_R[:, None] + jnp.arange(c), ids_BxL.shape[1] - 1)
+    return _span_scores(model, h_BxLxD[row_R[:, None], slots_RxC], targets_RxC, mask_RxC, chunk)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _score_shared(graphdef, state, ctx_BxP, pos_BxP, seg_BxP, row_R, targets_RxC, mask_RxC, *,
+                  chunk: int):
+    """Continuations that share a context: each (left-padded) context is prefilled once into a
+    KV cache, whose rows are then repeated for the continuations row_R points them to."""
+    model = nnx.merge(graphdef.graphdef, state)
+    (b, p), c = ctx_BxP.shape, targets_RxC.shape[1]
+    h_BxPxD, cache = model.hidden(ctx_BxP, pos_BxP, seg_BxP, model.init_cache(b, p + c))
+    cache = {"k": cache["k"][:, row_R], "v": cache["v"][:, row_R],
+             "segment_ids": cache["segment_ids"][row_R], "index": cache["index"]}
+    pos_RxC = pos_BxP[row_R, -1:] + 1 + jnp.arange(c)
+    h_RxCxD, _ = model.hidden(targets_RxC, pos_RxC, jnp.ones_like(targets_RxC), cache)
+    # Target 0 is predicted by the context's last slot, target c by continuation slot c - 1.
+    h_RxCxD = jnp.concatenate([h_BxPxD[row_R, -1:], h_RxCxD[:, :-1]], axis=1)
+    return _span_scores(model, h_RxCxD, targets_RxC, mask_RxC, chunk)
 
 
 # ---------------------------------------------------------------- model_args
@@ -259,16 +283,28 @@ class JaxftLM(TemplateLM):
     # ------------------------------------------------------------ loglikelihood
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
+        """Contexts with several continuations (multiple choice) run once each, through the KV
+        cache; every other request is one row of a plain forward."""
+        by_ctx: dict[tuple, list[int]] = {}
         items, n_long = [], 0
-        for _, ctx, cont in requests:
+        for k, (_, ctx, cont) in enumerate(requests):
             if len(cont) > self.max_length:
                 raise LMEvalError(f"a continuation of {len(cont)} tokens is longer than "
                                   f"max_length={self.max_length}")
             full = ctx + cont
             n_long += len(full) > self.max_length + 1
+            if len(full) <= self.max_length + 1:
+                by_ctx.setdefault(tuple(ctx), []).append(k)
             items.append((tuple(full[-(self.max_length + 1):][:-1]), cont))
         self._note_truncated("loglikelihood", n_long, len(items), self.max_length)
-        out = self._score_items(items)
+        groups = [(ctx, [(k, requests[k][2]) for k in ks]) for ctx, ks in by_ctx.items()
+                  if len(ks) > 1]
+        shared = {k for _, conts in groups for k, _ in conts}
+        plain = [k for k in range(len(items)) if k not in shared]
+        out: list = [None] * len(items)
+        for k, ans in zip(plain, self._score_items([items[k] for k in plain])):
+            out[k] = ans
+        self._score_contexts(groups, out)
         for (req, _, _), ans in zip(requests, out):
             if req is not None:
                 self.cache_hook.add_partial("loglikelihood", req, ans)
@@ -293,8 +329,8 @@ class JaxftLM(TemplateLM):
         return totals
 
     def _score_items(self, items: list[tuple[tuple, list[int]]]) -> list[tuple[float, bool]]:
-        """(log p(cont | inp's prefix), is_greedy) per (inp, cont); inputs sorted longest first,
-        each distinct input run once however many continuations score it."""
+        """(log p(cont | inp's prefix), is_greedy) per (inp, cont), one full forward per row;
+        inputs sorted longest first, each distinct input run once."""
         rows = sorted({inp for inp, _ in items}, key=lambda t: (-len(t), t))
         index = {inp: i for i, inp in enumerate(rows)}
         by_row: list[list[int]] = [[] for _ in rows]
@@ -309,21 +345,39 @@ class JaxftLM(TemplateLM):
                 out[k] = (float(x), bool(g))
         return out
 
+    def _score_contexts(self, groups, out: list) -> None:
+        """Fills out[k] for each (context, [(k, continuation), ...]), longest contexts first."""
+        groups = sorted(groups, key=lambda g: (-len(g[0]), g[0]))
+        for lo in range(0, len(groups), self.batch_size):
+            batch = groups[lo:lo + self.batch_size]
+            spans = [(b, k, cont) for b, (_, conts) in enumerate(batch) for k, cont in conts]
+            ids, pos, seg = left_pad([ctx for ctx, _ in batch], self._rows,
+                                     length_bucket(len(batch[0][0])))
+            args = [jax.device_put(a, sharding.batch_sharding(self.mesh)) for a in (ids, pos, seg)]
+            lp, greedy = self._run_spans(_score_shared, args, [(b, c) for b, _, c in spans])
+            for (_, k, _), x, g in zip(spans, lp, greedy):
+                out[k] = (float(x), bool(g))
+
+    def _run_spans(self, fn, args, spans: list[tuple[int, list[int]]], offsets=None):
+        """fn's (logprob, is_greedy) per span (row, targets), with spans and targets padded to
+        bucketed counts; `offsets` (row slot of each span's first target) for plain rows."""
+        n, c = bucket(len(spans), 8), bucket(max(len(t) for _, t in spans), 8)
+        row, tgt, mask = np.zeros(n, np.int32), np.zeros((n, c), np.int32), np.zeros((n, c), bool)
+        for j, (i, cont) in enumerate(spans):
+            row[j], tgt[j, :len(cont)], mask[j, :len(cont)] = i, cont, True
+        extra = [] if offsets is None else [np.pad(np.int32(offsets), (0, n - len(spans)))]
+        with sharding.activation_mesh(self.mesh):
+            lp, greedy = fn(self._graphdef, self._state, *args, row, *extra, tgt, mask,
+                            chunk=max(1, min(c, TOKENS_PER_CHUNK // n)))
+        return np.asarray(lp)[:len(spans)], np.asarray(greedy)[:len(spans)]
+
     def _score_batch(self, rows: list[tuple], spans: list[tuple[int, list[int]]]):
         ids = np.zeros((self._rows, length_bucket(len(rows[0]))), np.int32)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
-        n, c = bucket(len(spans), 8), bucket(max(len(t) for _, t in spans), 8)
-        row, start = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        tgt, mask = np.zeros((n, c), np.int32), np.zeros((n, c), bool)
-        for j, (i, cont) in enumerate(spans):
-            row[j], start[j] = i, len(rows[i]) - len(cont)
-            tgt[j, :len(cont)], mask[j, :len(cont)] = cont, True
         ids = jax.device_put(ids, sharding.batch_sharding(self.mesh))
-        with sharding.activation_mesh(self.mesh):
-            lp, greedy = _score(self._graphdef, self._state, ids, row, start, tgt, mask,
-                                chunk=max(1, min(c, TOKENS_PER_CHUNK // n)))
-        return np.asarray(lp)[:len(spans)], np.asarray(greedy)[:len(spans)]
+        return self._run_spans(_score, [ids], spans,
+                               offsets=[len(rows[i]) - len(cont) for i, cont in spans])
 
     # ------------------------------------------------------------ generation
 

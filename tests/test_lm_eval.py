@@ -177,6 +177,7 @@ def test_sampling_is_seeded_and_differs_from_greedy(lm):
 
 def test_sharded_mesh_scores_the_same(dirs, lm):
     reqs = [Instance("loglikelihood", {}, (t[:15], t[15:]), i) for i, t in enumerate(CORPUS)]
+    reqs += [Instance("loglikelihood", {}, ("the sky is", c), 9) for c in (" blue", " the dog")]
     sharded = JaxftLM(path=str(dirs[0]), batch_size=4, max_length=MAX_LENGTH, mesh="2x2x2")
     assert len(sharded.model.embed_VxD[...].sharding.device_set) == 8
     np.testing.assert_allclose([x for x, _ in sharded.loglikelihood(reqs)],
