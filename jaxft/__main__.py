@@ -1,6 +1,6 @@
-"""`jaxft train|eval|generate|convert|plan|audit`: a short entry point; each subcommand's
-parser and logic live in its own module, which exposes `add_parser(subparsers)` and the
-handler `main(args)` that the parser is bound to."""
+"""`jaxft train|eval|generate|convert|plan|audit|lm-eval`: a short entry point; each
+subcommand's parser and logic live in its own module, which exposes `add_parser(subparsers)` and
+the handler `main(args)` that the parser is bound to."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,10 @@ import sys
 
 from jaxft.errors import USER_ERRORS
 
-# subcommand -> module under jaxft (`eval` would shadow the builtin as a module name)
+# subcommand -> module under jaxft (`eval` would shadow the builtin as a module name; lm-eval's
+# wrapper is light, the harness itself loads only when the command runs)
 SUBCOMMANDS = {"train": "train", "eval": "evaluate", "generate": "generate",
-               "convert": "convert", "plan": "plan", "audit": "audit"}
+               "convert": "convert", "plan": "plan", "audit": "audit", "lm-eval": "lm_eval_cli"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,17 +104,18 @@ def _check_prompts(model, prompts, max_new_tokens):
         raise ValueError(f"generate: token id {bad[0]} is outside the vocabulary (size {vocab})")
 
 
-def _cut(rows_BxT: np.ndarray, n: int, stop: set[int]) -> list[list[int]]:
+def _cut(rows_BxT: np.ndarray, n: int, stop: set[int], keep_stop: bool = False) -> list[list[int]]:
     out = []
     for row in rows_BxT[:n].tolist():
-        end = next((i for i, t in enumerate(row) if t in stop or t < 0), len(row))
+        end = next((i + (keep_stop and t in stop) for i, t in enumerate(row) if t in stop or t < 0),
+                   len(row))
         out.append(row[:end])
     return out
 
 
 # ---------------------------------------------------------------- the jitted decoder
 
-class _Static:
+class StaticGraph:
     """A GraphDef made hashable for jit's static arguments (ModelConfig, inside it, is a plain
     dataclass): two models of the same structure share compiles."""
 
@@ -125,7 +126,7 @@ class _Static:
         return hash(self._key)
 
     def __eq__(self, other):
-        return isinstance(other, _Static) and self._key == other._key
+        return isinstance(other, StaticGraph) and self._key == other._key
 
 @partial(jax.jit, static_argnames=("graphdef", "mesh", "cache_len", "out_len", "temperature",
                                    "top_k", "top_p"))
@@ -165,9 +166,11 @@ def _decode(graphdef, state, ids_BxP, pos_BxP, seg_BxP, done_B, stop_T, key, max
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: Iterable[int] = (),
              stop_ids: Iterable[int] | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, cache_len: int | None = None) -> list[list[int]]:
+             top_p: float = 1.0, seed: int = 0, cache_len: int | None = None,
+             keep_stop: bool = False) -> list[list[int]]:
     """New tokens for each prompt (token ids, BOS included), cut before the first EOS or stop
-    token and at `max_new_tokens`. Greedy unless `temperature` > 0."""
+    token (after it with `keep_stop`: a stop token whose text holds more than the stop string)
+    and at `max_new_tokens`. Greedy unless `temperature` > 0."""
     _check_prompts(model, prompts, max_new_tokens)
     stop = sorted(set(eos_ids) | set(stop_ids or ()))
     mesh = _model_mesh(model)
@@ -188,10 +191,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
     graphdef, state = nnx.split(model)
     stop_T = np.full(bucket(len(stop), 8), -2, np.int32)  # -2 matches no token
     stop_T[:len(stop)] = stop
-    out = _decode(_Static(graphdef), state, *args, stop_T,
+    out = _decode(StaticGraph(graphdef), state, *args, stop_T,
                   jax.random.key(seed), jnp.int32(max_new_tokens), mesh=mesh, cache_len=s, out_len=t,
                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-    return _cut(np.asarray(jax.device_get(out))[:, :max_new_tokens], len(prompts), set(stop))
+    return _cut(np.asarray(jax.device_get(out))[:, :max_new_tokens], len(prompts), set(stop),
+                keep_stop)
 
 
 # ---------------------------------------------------------------- reference without a cache
@@ -223,7 +227,7 @@ def generate_no_cache(model, prompts: list[list[int]], max_new_tokens: int, *,
     done = np.zeros(b, bool)
     out = np.full((b, max_new_tokens), -1, np.int32)
     for step in range(max_new_tokens):
-        logits_BxV = _logits_at(_Static(graphdef), state, ids, pos, seg, p + step - 1)
+        logits_BxV = _logits_at(StaticGraph(graphdef), state, ids, pos, seg, p + step - 1)
         tok = np.asarray(sample_logits(jax.random.fold_in(key, step), logits_BxV, temperature,
                                        top_k, top_p))
         tok = np.where(done, -1, tok)
