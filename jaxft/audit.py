@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxft.config import load_config
+from jaxft.config import at_least, load_config
 from jaxft.data import build_tokenizer, load_split, make_loader
 from jaxft.chat import get_template
 from jaxft.templates import boundary_ok, tokenize_example
@@ -84,7 +84,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("audit", help="show the tokens and loss mask the trainer will use",
                               description=__doc__.split("\n")[0])
     p.add_argument("config", help="YAML config of the run")
-    p.add_argument("--n", type=int, default=3, help="examples to print (default 3)")
+    p.add_argument("--n", type=at_least(1), default=3, help="examples to print (default 3)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.padding=longest (repeatable)")
     p.set_defaults(func=main)

@@ -5,7 +5,9 @@ raised before anything is compiled.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -236,14 +238,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         k, v = ov.split("=", 1)
-        _set_dotted(raw, k.strip(), yaml.safe_load(v) if v.strip() else "")
+        try:
+            value = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError:
+            value = v  # not YAML: the text itself (checked against the field's type)
+        _set_dotted(raw, k.strip(), value)
     return resolve(raw)
 
 
@@ -260,7 +271,36 @@ def resolve(raw: dict) -> Config:
     return cfg
 
 
+# The smallest value each count or size may take ("at least"), and the ranges of the rest.
+MINIMUM = {"model.vocab_size": 1, "model.dim": 1, "model.n_layers": 1, "model.n_heads": 1,
+           "model.n_kv_heads": 1, "model.head_dim": 0, "model.ffn_dim": 1, "model.max_seq_len": 1,
+           "model.vocab_multiple": 1, "data.max_length": 2, "data.batch_size": 1, "data.limit": 0,
+           "data.train_tokenizer_vocab": 0, "data.worker_count": 0, "optim.warmup_steps": 0,
+           "optim.weight_decay": 0.0, "optim.clip_norm": 0.0, "optim.grad_accum": 1,
+           "train.steps": 1, "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 0,
+           "train.patience": 0, "train.ckpt_every": 0, "train.keep": 1, "train.time_limit_s": 0.0,
+           "eval.every": 0, "eval.n": 1, "eval.max_new_tokens": 1, "eval.batch_size": 1}
+RANGES = {"optim.min_lr_ratio": (0.0, 1.0), "optim.b1": (0.0, 0.9999999), "optim.b2": (0.0, 0.9999999)}
+POSITIVE = ("optim.lr", "optim.eps", "eval.judge_timeout_s")  # finite and > 0
+
+
+def _check_numbers(cfg: Config) -> None:
+    def get(key):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+    for key, low in MINIMUM.items():
+        if not get(key) >= low:
+            raise ConfigError(f"{key}={get(key)!r} must be >= {low}")
+    for key, (low, high) in RANGES.items():
+        if not low <= get(key) <= high:
+            raise ConfigError(f"{key}={get(key)!r} must be between {low} and {high}")
+    for key in POSITIVE:
+        if not (math.isfinite(get(key)) and get(key) > 0):
+            raise ConfigError(f"{key}={get(key)!r} must be a finite number > 0")
+
+
 def validate(cfg: Config) -> None:
+    _check_numbers(cfg)
     m, d = cfg.model, cfg.data
     _choice("model.remat", m.remat, ("none", "full", "dots"))
     _choice("data.padding", d.padding, ("pack", "longest", "max_length"))
@@ -270,6 +310,9 @@ def validate(cfg: Config) -> None:
     _choice("optim.decay", cfg.optim.decay, ("cosine", "linear", "constant"))
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of n_kv_heads={m.n_kv_heads}")
+    if not m.head_dim and m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} must be a multiple of n_heads={m.n_heads} "
+                          "(or set model.head_dim)")
     check_batch_split(d.batch_size, grad_accum=cfg.optim.grad_accum)
     for dt in ("param_dtype", "dtype"):
         _choice(f"model.{dt}", getattr(m, dt), ("float32", "bfloat16", "float16"))
@@ -294,6 +337,19 @@ def check_batch_split(batch_size: int, *, grad_accum: int = 1, data_parallel: in
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r}; choose one of: {', '.join(allowed)}")
+
+
+def at_least(minimum: int):
+    """An argparse type: an int >= minimum (a CLI flag gets the same check as a config key)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
+        return n
+    return parse
 
 
 def data_root(cfg: Config) -> Path:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -32,6 +34,8 @@ from jaxft.modeldir import (atomic_dir, check_output, load_params, read_config, 
                             write_config)
 from jaxft.state import abstract_params
 from jaxft.tokenizer import load_tokenizer
+
+log = logging.getLogger("jaxft")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
@@ -89,6 +93,19 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "attention_bias": False, "mlp_bias": False, "dtype": cfg.param_dtype}
 
 
+@contextmanager
+def reading(path: Path, what: str):
+    """Turns any failure to read `path` (truncated, not that format, refused by a safe loader)
+    into one ConvertError naming the file."""
+    try:
+        yield
+    except ConvertError:
+        raise
+    except Exception as e:  # third-party readers raise their own types: name the file instead
+        raise ConvertError(f"{path}: cannot read it as {what} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
 class HFWeights:
     """Names and tensors of an HF checkpoint, read one tensor at a time."""
 
@@ -113,20 +130,21 @@ class HFWeights:
     def _keys(self, path: Path) -> list[str]:
         if self.torch:
             return list(self._torch_file(path))
-        with safe_open(path, framework="numpy") as f:
+        with reading(path, "safetensors"), safe_open(path, framework="numpy") as f:
             return list(f.keys())
 
     def _torch_file(self, path: Path) -> dict:
         if self._bin is None or self._bin[0] != path:
             import torch  # only legacy checkpoints need torch
-            self._bin = (path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            with reading(path, "a PyTorch weights-only checkpoint"):
+                self._bin = (path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         return self._bin[1]
 
     def get(self, name: str) -> np.ndarray:
         path = self.where[name]
         if not self.torch:
             # Opened per tensor: closing unmaps the file, so read pages never pile up in RSS.
-            with safe_open(path, framework="numpy") as f:
+            with reading(path, "safetensors"), safe_open(path, framework="numpy") as f:
                 return f.get_tensor(name)
         t = self._torch_file(path)[name]
         if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16; reinterpret the bits
@@ -164,12 +182,15 @@ def convert_weights(cfg: ModelConfig, weights, src, out, force: bool, write_toke
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise ConvertError(f"{src}: tensor {bad[0]} {what}{more}")
     # Keep the checkpoint's bytes: its dtype becomes the param dtype. Compute stays float32.
-    dtype = weights.get("model.embed_tokens.weight").dtype.name
+    with reading(src, "model weights"):
+        dtype = weights.get("model.embed_tokens.weight").dtype.name
     cfg.param_dtype, cfg.dtype = (dtype if dtype in DTYPES else "float32"), "float32"
     shapes = jaxft_shapes(cfg)
     params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(cfg))  # pad rows: 0
     for name, entry, layer in names:
-        w, want = weights.get(name), hf_shape(entry, cfg, shapes)
+        with reading(src, "model weights"):
+            w = weights.get(name)
+        want = hf_shape(entry, cfg, shapes)
         if w.shape != want:
             raise ConvertError(f"{src}: tensor {name} has shape {list(w.shape)}, expected {list(want)}")
         target = _at(params, entry.path)[() if layer is None else layer]
@@ -205,6 +226,10 @@ def _at(tree: dict, path: tuple[str, ...]):
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not files:
+        log.warning("%s has no tokenizer files (%s): the output has no tokenizer, so "
+                    "`jaxft eval`/`generate` will refuse it until one is added", src,
+                    ", ".join(TOKENIZER_FILES[:2]))
     if files:
         dst.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -308,9 +333,10 @@ def from_gguf(src: str | Path, out: str | Path, force: bool = False) -> Path:
     src = Path(src)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such GGUF file")
-    reader = GGUFReader(src)
-    cfg = config_from_hf(config_from_gguf(reader, src), str(src))
-    files = tokenizer_files(reader, src)
+    with reading(src, "GGUF"):
+        reader = GGUFReader(src)
+        cfg = config_from_hf(config_from_gguf(reader, src), str(src))
+        files = tokenizer_files(reader, src)
 
     def write_tokenizer(d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)

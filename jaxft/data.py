@@ -19,6 +19,7 @@ multiple of LONGEST_MULTIPLE, so the jitted step sees at most max_length/16 shap
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import random
 import tempfile
@@ -40,6 +41,7 @@ from jaxft.tokenizer import load_tokenizer, train_sentencepiece
 
 LONGEST_MULTIPLE = 16  # `longest` rows are padded to a multiple of this many tokens
 PACKING_BINS = 64  # first-fit bins open at once; more bins fill rows more tightly
+FINGERPRINT_BYTES = 1 << 20  # read from each end of a data file for its fingerprint
 HOLDOUT_FRACTION = 0.05  # share of train held out as validation when valid_file is ""
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -225,6 +227,28 @@ def _dataset(examples: list[dict], d: DataConfig, local_batch: int, *, train: bo
     return it
 
 
+def _file_fingerprint(path: Path) -> dict:
+    """Size and SHA-256 of the first and last MiB: cheap on any size, and it changes when the
+    records do (an edited, appended or swapped file)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(FINGERPRINT_BYTES)
+        f.seek(max(0, size - FINGERPRINT_BYTES))
+        tail = f.read()
+    return {"bytes": size, "sha256_head_tail": hashlib.sha256(head + tail).hexdigest()}
+
+
+def fingerprint(cfg: Config) -> dict:
+    """{"data.train_file": ..., "data.valid_file": ...} of the files this run reads; a resume
+    on other data is refused with it (the run dir's data.json)."""
+    out = {}
+    for key in ("train_file", "valid_file"):
+        rel = getattr(cfg.data, key)
+        if rel and (path := data_path(cfg, rel)).is_file():
+            out[f"data.{key}"] = {"name": path.name, **_file_fingerprint(path)}
+    return out
+
+
 class Loader:
     """Batches for one process. A train loader is one endless iterator: iterating it again
     continues where it stopped, and get_state()/set_state() save and restore that point (the
@@ -232,7 +256,8 @@ class Loader:
     fresh in-order pass each time it is iterated, `num_batches` long on every process."""
 
     def __init__(self, make_dataset, stats_fn, *, train: bool, num_batches: int | None,
-                 empty_batch: dict | None):
+                 empty_batch: dict | None, counts: DataStats | None = None):
+        self.counts = counts  # the filtering counts, without the padding ratio (cheap)
         self._make_dataset = make_dataset
         self._stats_fn = stats_fn
         self._stats: DataStats | None = None
@@ -327,4 +352,5 @@ def make_loader(cfg: Config, tokenizer, records: list[dict], *, train: bool,
         num_batches = max(counts)
         width = LONGEST_MULTIPLE if d.padding == "longest" else d.max_length
         empty = {k: np.zeros((local_batch, min(width, d.max_length)), np.int32) for k in FIELDS}
-    return Loader(dataset, stats_fn, train=train, num_batches=num_batches, empty_batch=empty)
+    return Loader(dataset, stats_fn, train=train, num_batches=num_batches, empty_batch=empty,
+                  counts=stats)

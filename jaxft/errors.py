@@ -31,10 +31,14 @@ class JudgeUnreachable(JudgeError):
     wait as long again, so a run stops at the first one instead of counting it per item."""
 
 
+class SaveError(RuntimeError):
+    """An output could not be written (a full disk, no permission); says what is kept."""
+
+
 class OutputExistsError(FileExistsError):
     """An output that exists and was not allowed to be overwritten."""
 
 
 # What the CLI reports as a one-line error (a missing input file is the user's too).
-USER_ERRORS = (ConfigError, DataError, TemplateError, JudgeError, OutputExistsError,
+USER_ERRORS = (ConfigError, DataError, TemplateError, JudgeError, OutputExistsError, SaveError,
                FileNotFoundError)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jaxft import data as jdata
 from jaxft.chat import get_template
-from jaxft.config import EvalConfig, load_config
+from jaxft.config import EvalConfig, at_least, load_config
 from jaxft.errors import ConfigError
 from jaxft.generate import generate_text
 from jaxft.judge import from_config
@@ -94,7 +94,7 @@ def run_eval(model, tok, template, task: str, records: list[dict], *, limit: int
     prompts = None
     if shots:
         if not shot_records or len(shot_records) < shots:
-            raise ValueError(f"--shots {shots} needs {shots} training examples, "
+            raise ConfigError(f"--shots {shots} needs {shots} training examples, "
                              f"got {len(shot_records or [])}")
         prompts = [few_shot_ids(tok, template, shot_records[:shots], ex) for ex in records]
     if stop_strings is None:  # a chat template also stops at its own turn end
@@ -144,20 +144,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--task", required=True, choices=sorted(DEFAULT_FILES))
     p.add_argument("--data", default="", help="records to evaluate (default: the task's "
                    "validation file or split under the data root)")
-    p.add_argument("--limit", type=int, default=0, help="first N records only (0: all)")
-    p.add_argument("--shots", type=int, default=0, help="few-shot training examples per prompt")
+    p.add_argument("--limit", type=at_least(0), default=0, help="first N records only (0: all)")
+    p.add_argument("--shots", type=at_least(0), default=0, help="few-shot training examples per prompt")
     p.add_argument("--out", default="", help="directory for predictions.jsonl and metrics.json")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--template", default="special-tokens",
                    help="prompt template; `tokenizer`: the model's own chat template")
     p.add_argument("--include-instruction", action="store_true",
                    help="keep the instruction in templates that can leave it out")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--judge-url", default="", help="Ollama /api/chat or OpenAI-compatible "
                    "/v1/chat/completions endpoint scoring responses 0-100 (off when empty)")
     p.add_argument("--judge-model", default="llama3")
     p.add_argument("--judge-timeout", type=float, default=60.0)
+    p.add_argument("--allow-judge-failures", action="store_true",
+                   help="exit 0 even when the judge scored no response")
     p.set_defaults(func=main)
 
 
@@ -189,4 +191,10 @@ def main(args) -> int:
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        out_dir=args.out or None, force=args.force, judge=judge)
     print(json.dumps(metrics))
+    if judge is not None and metrics["n"] and not metrics["judge_scored"] \
+            and not args.allow_judge_failures:
+        print(f"jaxft eval: error: the judge scored none of the {metrics['n']} responses "
+              f"({metrics['judge_failed']} replies without a score); pass "
+              "--allow-judge-failures to accept that", file=sys.stderr)
+        return 1
     return 0

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxft import chat, sharding
+from jaxft.config import at_least
 from jaxft.state import load
 from jaxft.tasks import cut_at_stop
 from jaxft.templates import get_template, prompt_ids
@@ -272,9 +273,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--template", default="", help="prompt template name; empty: raw text after BOS")
     p.add_argument("--chat-template", default="", metavar="FILE.jinja",
                    help="with --messages/--chat: this template instead of the tokenizer's")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=at_least(0), default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=main)

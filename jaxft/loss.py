@@ -25,7 +25,7 @@ def batch_loss_sum(model, batch: dict):
     if not cpu_kernels():
         # Accelerators: the plain logits path, whose sharded memory `jaxft plan` has measured.
         # The fused head's per-chunk matmuls still need their own sharding work under fsdp
-        # (20.9 vs 10.3 GiB of temporaries for 7B on fsdp=8 in the plan).
+        # (twice the temporaries in the plan; bench/RESULTS.md).
         return xent_sum(model.logits(h_BxLxD), batch["targets"], batch["loss_mask"])
     total = head_loss_sum(model.head_input(h_BxLxD), model.head_VxD(), batch["targets"],
                           batch["loss_mask"])

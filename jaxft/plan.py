@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import kernels, sharding, state
-from jaxft.config import MeshConfig, OptimConfig, check_batch_split, get_preset
+from jaxft.config import MeshConfig, OptimConfig, at_least, check_batch_split, get_preset
 from jaxft.errors import ConfigError
 from jaxft.optim import make_optimizer
 from jaxft.train import compile_train_step
@@ -86,11 +86,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="per-device memory of a train step, by ahead-of-time compile")
     p.add_argument("--model", required=True, help="model preset, e.g. llama2-7b")
     p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or fsdp=16,tensor=4")
-    p.add_argument("--batch", type=int, default=8, help="global batch rows")
-    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=at_least(1), default=8, help="global batch rows")
+    p.add_argument("--seq", type=at_least(1), default=4096)
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+    p.add_argument("--grad-accum", type=at_least(1), default=1, metavar="K",
                    help="microbatches per step (each of batch/K rows); must divide --batch")
     p.set_defaults(func=main)
 

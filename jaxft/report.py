@@ -3,6 +3,7 @@ Only process 0 writes; the others get a Report that does nothing."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import jax
 import matplotlib
 from tqdm import tqdm
+
+log = logging.getLogger("jaxft")
 
 
 class Report:
@@ -30,11 +33,11 @@ class Report:
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drops lines logged after the restored step so the curve has no repeats."""
+        """On resume, drops lines logged after the restored step so the curve has no repeats
+        (and a line torn by a crash mid-write)."""
         if not self.active or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= step]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, record: dict) -> None:
@@ -61,17 +64,28 @@ class Report:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, plot: bool = True) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.tb is not None:
             self.tb.close()
-        if self.active and self.path.exists():
+        if plot and self.active and self.path.exists():
             plot_loss(self.path, self.run_dir / "loss.png")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a metrics.jsonl; a line that is not a record (torn by a crash while it
+    was written) is skipped with a warning naming it."""
+    rows = []
+    for n, ln in enumerate(Path(path).read_text().splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            log.warning("%s:%d: not a JSON record (a torn write?); skipped", path, n)
+    return rows
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -142,19 +143,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(run_dir: Path, cfg: Config) -> None:
-    saved_path = run_dir / "config.yaml"
-    new = config_lib.to_dict(cfg)
+def check_resume(run_dir: Path, cfg: Config, fingerprint: dict) -> None:
+    """Refuses to resume a run dir that holds a run of another config, or on other data."""
+    saved_path, data_path = run_dir / "config.yaml", run_dir / "data.json"
     if saved_path.exists():
         old = _flat(yaml.safe_load(saved_path.read_text()))
-        diff = sorted(k for k, v in _flat(new).items()
+        diff = sorted(k for k, v in _flat(config_lib.to_dict(cfg)).items()
                       if old.get(k) != v and k not in RESUMABLE_CHANGES)
         if diff:
             raise ConfigError(
                 f"{run_dir} holds a run with a different config ({', '.join(diff)} differ); "
                 f"use another --out, or resume with the same config")
+    if data_path.exists():
+        old = json.loads(data_path.read_text())
+        diff = sorted(k for k in old.keys() | fingerprint.keys() if old.get(k) != fingerprint.get(k))
+        if diff:
+            raise ConfigError(
+                f"{run_dir} holds a run trained on other data ({', '.join(diff)} changed since "
+                f"it started); use another --out, or resume on the same files")
+
+
+def write_run_record(run_dir: Path, cfg: Config, fingerprint: dict) -> None:
+    """config.yaml and data.json, once the run is known to start or resume."""
     if jax.process_index() == 0:
-        saved_path.write_text(yaml.safe_dump(new, sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+        (run_dir / "data.json").write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -187,7 +200,7 @@ class Run:
     peak_flops: float | None = None  # of all devices; None: no MFU is logged
 
     def save(self, wait: bool = False) -> None:
-        if self.step in self.ckpts.steps():  # already saved at this step (ckpt_every hit the end)
+        if self.ckpts.saved(self.step):  # saved at this step already (ckpt_every hit the end)
             return self.ckpts.wait() if wait else None
         rep = sharding.replicated(self.mesh)
         self.ckpts.save(self.step, {"params": self.params, "opt": self.opt_state, "rng": self.rng,
@@ -288,16 +301,18 @@ def prepare(cfg: Config, run_dir: str | Path) -> Run:
     mesh = sharding.make_mesh(cfg.mesh)  # a mesh/device mismatch fails before any compile
     check_batch_split(cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
                       data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
-    train_records, _ = data.load_split(cfg, "train")
+    train_records, skipped = data.load_split(cfg, "train")
     valid_records = data.load_split(cfg, "valid")[0] if cfg.train.eval_every else []
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = _run_tokenizer(cfg, run_dir, train_records)
     cfg = dataclasses.replace(cfg, model=state.model_config(cfg, len(tok)))
-    check_resume_config(run_dir, cfg)
+    fingerprint = data.fingerprint(cfg)
+    check_resume(run_dir, cfg, fingerprint)
     layout = state.make_layout(cfg.model, mesh, make_optimizer(cfg.optim, cfg.train.steps))
-    loader = data.make_loader(cfg, tok, train_records, train=True)
+    loader = data.make_loader(cfg, tok, train_records, train=True, skipped_empty=skipped)
     ckpts = checkpoint.Checkpoints(run_dir / "ckpt", keep=cfg.train.keep)
     step, params, opt_state, rng, resumed = _restore_or_init(cfg, layout, ckpts, loader)
+    write_run_record(run_dir, cfg, fingerprint)  # only now: a refused resume changes nothing
     eval_fn = compile_eval_step(layout) if cfg.train.eval_every else None
     r = Run(cfg, run_dir, mesh, tok, layout, loader,
             data.make_loader(cfg, tok, valid_records, train=False) if eval_fn else None, ckpts,
@@ -333,13 +348,14 @@ def train_loop(r: Run, stop: threading.Event) -> str:
             return "time"
         if t.ckpt_every and r.step % t.ckpt_every == 0:
             r.save()
+        r.ckpts.poll()
     return "done"
 
 
 def finish(r: Run, why: str) -> tuple[int, str]:
     """Saves what the way the loop ended calls for; returns (exit status, closing line)."""
     if why == "nan":
-        good = r.ckpts.steps()
+        good = r.ckpts.good_steps()
         return 1, (f"jaxft: loss is {r.last_loss} at step {r.step}; stopping. The last good "
                    f"checkpoint is {'step ' + str(good[-1]) if good else 'none'} in {r.ckpts.dir}")
     if why == "sigterm":
@@ -364,9 +380,17 @@ def finish(r: Run, why: str) -> tuple[int, str]:
 def run(cfg: Config, run_dir: str | Path) -> int:
     """Trains (or resumes) the run in `run_dir`; SIGTERM saves at the next step and exits 0."""
     r = prepare(cfg, run_dir)
+    if r.resumed and r.step >= r.cfg.train.steps and (r.run_dir / "final").is_dir():
+        # finished: nothing to do, and nothing is rewritten
+        r.ckpts.close()
+        r.report.close(plot=False)
+        r.report.message(f"jaxft: {r.run_dir} is finished at step {r.step} (train.steps="
+                         f"{r.cfg.train.steps}); nothing to do. Raise train.steps to extend it")
+        return 0
     r.report.message(f"jaxft: {param_count(r.cfg.model) / 1e6:.1f}M params on mesh "
                      f"{dict(r.mesh.shape)}; {'resuming at step ' + str(r.step) if r.resumed else 'starting'}"
                      f"; run dir {r.run_dir}")
+    _report_data(r)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
@@ -377,6 +401,19 @@ def run(cfg: Config, run_dir: str | Path) -> int:
         r.report.close()
     r.report.message(closing)
     return status
+
+
+def _report_data(r: Run) -> None:
+    """What filtering did to the training data, in the run's first lines (as `jaxft audit`)."""
+    c = r.loader.counts
+    total = c.examples + c.dropped + c.skipped_empty
+    r.report.message(f"jaxft: data: {c.examples} examples of {total} records; {c.truncated} "
+                     f"truncated to data.max_length={r.cfg.data.max_length}, {c.dropped} dropped "
+                     f"({c.no_target} without a target), {c.skipped_empty} empty skipped")
+    if total and (c.truncated + c.dropped + c.skipped_empty) > total / 2:
+        r.report.message(f"jaxft: WARNING: more than half of the training records were "
+                         f"truncated, dropped or skipped; check data.max_length and the template "
+                         f"(`jaxft audit` shows them)")
 
 
 def _task_evaluator(cfg: Config, tok):

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from jaxft.config import ConfigError, check_batch_split, load_config
@@ -52,3 +54,35 @@ def test_numbers_coerce_one_way():
                       ("train.steps=true", "expected an int")):
         with pytest.raises(ConfigError, match=f"config.train.steps: {what}|config.optim.lr: {what}"):
             load_config(None, ["preset=tiny", bad])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.steps=0", "train.steps=0 must be >= 1"),
+    ("train.steps=-5", "train.steps=-5 must be >= 1"),
+    ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
+    ("optim.grad_accum=0", "optim.grad_accum=0 must be >= 1"),
+    ("train.keep=0", "train.keep=0 must be >= 1"),
+    ("data.max_length=1", "data.max_length=1 must be >= 2"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
+    ("optim.lr=-1e-4", "optim.lr=-0.0001 must be a finite number > 0"),
+    ("optim.lr=.nan", "optim.lr=nan must be a finite number > 0"),
+    ("optim.b2=1.5", "optim.b2=1.5 must be between 0.0 and"),
+    ("model.n_heads=3", "model.n_heads=3 must be a multiple of n_kv_heads=2"),
+    ("model.n_kv_heads=0", "model.n_kv_heads=0 must be >= 1"),
+])
+def test_nonsense_numbers_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["preset=tiny", override])
+
+
+def test_dim_must_split_into_heads_unless_head_dim_is_set():
+    with pytest.raises(ConfigError, match=r"model.dim=66 must be a multiple of n_heads=4"):
+        load_config(None, ["preset=tiny", "model.dim=66"])
+    assert load_config(None, ["preset=tiny", "model.dim=66", "model.head_dim=16"]).model.head_dim == 16
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("preset: tiny\ndata:\n  batch_size: [8\n  max_length: 64\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(p))}:\d+: not valid YAML"):
+        load_config(p)

@@ -306,3 +306,59 @@ def test_gguf_import_matches_transformers_gguf_loader(tmp_path):
 def test_gguf_missing_file_is_a_clear_error(tmp_path, capsys):
     assert cli(["convert", "--from-gguf", str(tmp_path / "no.gguf"), "--out", str(tmp_path / "o")]) == 2
     assert "no such GGUF file" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+class _Hostile:
+    """Unpickling this runs code: a weights-only loader must refuse it."""
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def _bad_hf_dir(hf_dir, tmp_path, kind):
+    d = tmp_path / kind
+    shutil.copytree(hf_dir, d)
+    if kind == "truncated-safetensors":
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif kind == "not-safetensors":
+        (d / "model.safetensors").write_text("this is not a tensor file")
+    elif kind == "hostile-bin":
+        (d / "model.safetensors").unlink()
+        torch.save({"model.embed_tokens.weight": _Hostile()}, d / "pytorch_model.bin")
+    return d
+
+
+@pytest.mark.parametrize("kind,what", [("truncated-safetensors", "safetensors"),
+                                       ("not-safetensors", "safetensors"),
+                                       ("hostile-bin", "a PyTorch weights-only checkpoint")])
+def test_unreadable_weights_are_one_line_naming_the_file(hf_dir, tmp_path, capsys, kind, what):
+    src = _bad_hf_dir(hf_dir, tmp_path, kind)
+    assert cli(["convert", "--from-hf", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}/" in err and f"cannot read it as {what}" in err and "Traceback" not in err
+    assert "pwned" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["not-gguf", "truncated-gguf"])
+def test_unreadable_gguf_is_one_line_naming_the_file(tmp_path, capsys, kind):
+    f = tmp_path / "model.gguf"
+    if kind == "not-gguf":
+        f.write_text("GGUF? no, just text\n" * 10)
+    else:
+        with open(_smollm2_gguf(), "rb") as src:
+            f.write_bytes(src.read(4_000_000))  # the header and the start of the tensors
+    assert cli(["convert", "--from-gguf", str(f), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{f}: cannot read it as" in err and not (tmp_path / "out").exists()
+
+
+def test_hf_dir_without_tokenizer_warns(hf_dir, tmp_path, caplog):
+    src = tmp_path / "bare"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(hf_dir / f, src / f)
+    with caplog.at_level("WARNING", logger="jaxft"):
+        out = convert.from_hf(src, tmp_path / "out")
+    assert not (out / "tokenizer").exists()
+    assert any("has no tokenizer files" in r.getMessage() and "the output has no tokenizer" in r.getMessage()
+               for r in caplog.records)

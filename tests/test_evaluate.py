@@ -1,10 +1,13 @@
 """Evaluation: scoring known predictions, end to end with a model whose outputs are known,
 few-shot prompts, output files, and the eval/generate CLIs."""
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from jaxft.__main__ import main
+from jaxft.errors import ConfigError
 from jaxft.evaluate import TaskEvaluator, few_shot_ids, run_eval, score_predictions, write_results
 from jaxft.generate import cut_at_stop
 from jaxft.modeldir import OutputExistsError, save_model
@@ -170,3 +173,57 @@ def test_cli_generate(setup, model_dir, capsys):
             break
         want.append(t)
     assert capsys.readouterr().out == tok.decode(want, skip_special=True) + "\n"
+
+
+class _NoScoreJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge that never gives a score."""
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        payload = json.dumps({"choices": [{"index": 0, "message": {
+            "role": "assistant", "content": "I would rather not grade this."}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_eval_whose_judge_scored_nothing_fails_unless_allowed(setup, model_dir, tmp_path, capsys):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _NoScoreJudge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        recs = instruct_records(setup, n=2)
+        data = tmp_path / "data.json"
+        data.write_text(json.dumps([{k: r[k] for k in ("instruction", "input", "output")} for r in recs]))
+        (tmp_path / "plain.yaml").write_text(TEMPLATE_YAML)
+        argv = ["eval", "--ckpt", str(model_dir), "--task", "instruct", "--data", str(data),
+                "--template", str(tmp_path / "plain.yaml"), "--max-new-tokens", str(MAX_NEW),
+                "--judge-url", f"http://127.0.0.1:{srv.server_address[1]}/v1/chat/completions"]
+        assert main(argv) == 1
+        assert "the judge scored none of the 2 responses (2 replies without a score)" in capsys.readouterr().err
+        assert main([*argv, "--allow-judge-failures"]) == 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize("flag,value,message", [("--limit", "-2", "must be >= 0, got -2"),
+                                                ("--max-new-tokens", "0", "must be >= 1, got 0"),
+                                                ("--batch-size", "0", "must be >= 1, got 0"),
+                                                ("--shots", "x", "expected an integer, got 'x'")])
+def test_eval_arguments_are_checked(model_dir, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--ckpt", str(model_dir), "--task", "viggo", flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_more_shots_than_examples_is_a_clear_error(setup, model_dir, tmp_path, capsys):
+    recs = instruct_records(setup, n=2)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{k: r[k] for k in ("instruction", "input", "output")} for r in recs]))
+    model, succ, tok, template = setup
+    with pytest.raises(ConfigError, match="--shots 5 needs 5 training examples, got 1"):
+        run_eval(model, tok, template, "instruct", recs, shots=5, shot_records=recs[:1])

@@ -162,6 +162,44 @@ def test_no_checkpoint_restores_refuses_and_restart_moves_the_run_aside(straight
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_rerunning_a_finished_run_changes_nothing(straight_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    before = _tree_bytes(out)
+    r = jaxft(*train_args(out, *STEPS))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "is finished at step 40 (train.steps=40); nothing to do" in r.stderr
+    assert _tree_bytes(out) == before
+
+
+def test_resume_on_other_data_is_refused(straight_run, tmp_path, data_root):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    other = tmp_path / "data" / "viggo"
+    other.mkdir(parents=True)
+    shutil.copy(data_root / "viggo" / "valid.csv", other / "valid.csv")
+    rows = (data_root / "viggo" / "train.csv").read_text().splitlines(keepends=True)
+    (other / "train.csv").write_text(rows[0] + "".join(reversed(rows[1:])))  # same rows, other order
+    before = _tree_bytes(out)
+    r = jaxft(*train_args(out, *STEPS[1:], "train.steps=45"),
+              env={**ONE_DEVICE, "JAXFT_DATA": str(tmp_path / "data")})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "holds a run trained on other data (data.train_file changed" in r.stderr
+    assert _tree_bytes(out) == before
+
+
+def test_a_torn_last_metrics_line_is_skipped_on_resume(straight_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 41, "lo')  # the crash came mid-write
+    r = jaxft(*train_args(out, *STEPS[1:], "train.steps=42", "train.eval_every=0"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "metrics.jsonl:" in r.stderr and "not a JSON record" in r.stderr
+    steps = [r["step"] for r in metrics(out)]
+    assert steps[-2:] == [41, 42] and steps.count(41) == 1
+
+
 def test_nan_stops_and_reports_step(tmp_path):
     out = tmp_path / "run"
     r = jaxft(*train_args(out, "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0",
