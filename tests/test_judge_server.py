@@ -95,7 +95,8 @@ def test_eval_instruct_scored_by_real_server(server, model_dir, tmp_path, capsys
     out = tmp_path / "ev"
     argv = ["eval", "--ckpt", str(model_dir), "--task", "instruct", "--limit", str(N_ITEMS),
             "--template", "alpaca", "--max-new-tokens", "8", "--out", str(out),
-            "--judge-url", base, "--judge-model", "smollm2", "--judge-timeout", str(TIMEOUT)]
+            "--judge-url", base, "--judge-model", "smollm2", "--judge-timeout", str(TIMEOUT),
+            "--allow-judge-failures"]  # a 135M judge may score none; the counts are checked
     assert main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
