@@ -237,7 +237,7 @@ class Run:
         return loss
 
 
-def _run_tokenizer(cfg: Config, run_dir: Path, train_records: list[dict]):
+def _run_tokenizer(cfg: Config, run_dir: Path, train_records):
     """The run dir's tokenizer on a resume, else a new one saved there."""
     tok_dir = run_dir / "tokenizer"
     if tok_dir.is_dir():
@@ -288,8 +288,9 @@ def prepare(cfg: Config, run_dir: str | Path) -> Run:
     mesh = sharding.make_mesh(cfg.mesh)  # a mesh/device mismatch fails before any compile
     check_batch_split(cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
                       data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
-    train_records, _ = data.load_split(cfg, "train")
-    valid_records = data.load_split(cfg, "valid")[0] if cfg.train.eval_every else []
+    # Lazy splits: nothing is tokenised here, each process encodes its shard as it trains.
+    train_records = data.open_split(cfg, "train")
+    valid_records = data.open_split(cfg, "valid") if cfg.train.eval_every else []
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = _run_tokenizer(cfg, run_dir, train_records)
     cfg = dataclasses.replace(cfg, model=state.model_config(cfg, len(tok)))
