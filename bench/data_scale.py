@@ -149,7 +149,7 @@ def main() -> None:
                            "procs": procs, "batches": args.batches})
             share = "all" if kind == "eager" else (f"{r['read']:.4f}" if r["read"] else "?")
             print(f"| {n:,} | {mb:.0f} | {name} | {r['first_s']:.2f} | {r['rss_mb']:.0f}"
-                  + (f" ({r['worker_mb']:.0f})" if workers else "") + f" | "
+                  + (f" ({r['worker_mb']:.0f})" if r["worker_mb"] else "") + f" | "
                   f"{r['batches_s']:.2f} | {r['batches_s'] * TRAIN_STEP_S:.0f}x | {share} |",
                   flush=True)
     print(f"load {os.getloadavg()[0]:.1f} at the end")
