@@ -65,6 +65,8 @@ def audit(cfg, n: int, out=None, err=None) -> int:
             ("padding ratio", f"{s.padding_ratio:.4f}")]
     for name, value in rows:
         print(f"{name + ':':<18}{value}", file=out)
+    print(f"(counts from one pass over all {len(records)} training records here; training "
+          "itself encodes records lazily, each process only its own shard)", file=out)
     if bad:
         print(f"\n!!! TEMPLATE BOUNDARY ERROR: template {d.template!r} does not end its prompt on "
               f"a token boundary for {len(bad)} of {min(n, len(records))} audited examples "

@@ -1,10 +1,17 @@
-"""Grain input pipeline: records -> template + tokens + loss mask -> pack | pad -> batch.
+"""Grain input pipeline: a random-access source -> (lazily, per shard) template + tokens + loss
+mask -> pack | pad -> batch.
 
-Every record is tokenised once, up front (`encode_records`), so over-long and target-less
-examples are counted and filtered before training starts. Grain then shards the encoded
-examples by process, shuffles them (a new order each epoch), shifts them by one token,
-packs or pads them into rows and stacks rows into batches. One batch is a dict of int32
-numpy arrays of shape [local_batch, L]:
+Nothing is tokenised up front. A training split is a list of record indices into a source
+(jaxft/source.py: JSONL through a cached line-offset index, CSV / JSON / Parquet parsed to rows).
+Each process takes every process_count-th index, Grain shuffles those (a new order each epoch),
+and the Grain `map` reads, templates and tokenises a record only when the pipeline reaches it,
+so a host's memory and startup follow its shard, not the dataset. With data.worker_count > 0
+that map runs in Grain worker processes; packing and batching stay in the trainer's process, so
+the batches are the same with and without workers. Dropped examples (over-long with
+overlong=drop, or no target left) are encoded as markers and filtered out after the map, which
+keeps worker output in order. Before training, the first records of the shard are encoded so
+a config that leaves no examples fails in seconds. Validation is small: it is encoded once, in
+order. One batch is a dict of int32 numpy arrays of shape [local_batch, L]:
 
     inputs       ids[:-1]            BOS  a   b   c   d        0 ...
     targets      ids[1:]             a    b   c   d   EOS      0 ...
@@ -20,20 +27,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import grain
 import jax
 import numpy as np
+from absl import flags
 
-from jaxft import tasks
 from jaxft.config import Config, DataConfig, check_batch_split, data_path
 from jaxft.errors import ConfigError, DataError
+from jaxft.source import RecordSource
 from jaxft.tasks.instruct import split_alpaca
 from jaxft.chat import apply_override, get_template
 from jaxft.templates import tokenize_example
@@ -43,7 +52,10 @@ LONGEST_MULTIPLE = 16  # `longest` rows are padded to a multiple of this many to
 PACKING_BINS = 64  # first-fit bins open at once; more bins fill rows more tightly
 FINGERPRINT_BYTES = 1 << 20  # read from each end of a data file for its fingerprint
 HOLDOUT_FRACTION = 0.05  # share of train held out as validation when valid_file is ""
+SAMPLE = 256  # records of a shard encoded before training to find "no examples left"
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+TRUNCATED, DROPPED, NO_TARGET, SKIPPED = range(4)  # positions in an encoded example's flags
+EMPTY = np.zeros(0, np.int32)
 
 
 @dataclass
@@ -57,34 +69,77 @@ class DataStats:
     skipped_empty: int = 0  # records the reader skipped for an empty field
     padding_ratio: float | None = None  # padding share of this process's rows over one epoch
 
+    def count(self, ex: dict) -> None:
+        """Adds one encoded example (kept, dropped or skipped) to the counts."""
+        t, dropped, no_target, skipped = (int(x) for x in ex["flags"])
+        self.truncated += t
+        self.dropped += dropped
+        self.no_target += no_target
+        self.skipped_empty += skipped
+        if not (dropped or skipped):
+            self.examples += 1
+            self.tokens += len(ex["ids"]) - 1
+            self.target_tokens += int(ex["mask"][1:].sum())
 
-def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
-    """Reads the train or valid records of cfg.data; returns (records, skipped_empty).
 
-    With valid_file "" the validation records come out of the train file: the 85/5/10
-    split for alpaca/instruct, a seeded HOLDOUT_FRACTION for other tasks.
+@dataclass
+class Split:
+    """The records of one split: split[i] is source[indices[i]], read on access (None for a
+    record the reader skips). Only indices are held, so a split of a million records costs
+    8 MB until its records are read."""
+    source: Any  # source[j] -> record | None
+    indices: np.ndarray  # int64 positions in source, in split order
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict | None:
+        return self.source[int(self.indices[i])]
+
+    def __iter__(self) -> Iterator[dict | None]:
+        return (self[i] for i in range(len(self)))
+
+
+def _holdout(n: int, d: DataConfig, split: str) -> np.ndarray:
+    """Indices of a split made out of the train file, by index: the 85/5/10 split for
+    alpaca/instruct, a seeded HOLDOUT_FRACTION for other tasks."""
+    if d.task in ("alpaca", "instruct"):
+        train, valid, _ = split_alpaca(range(n), d.seed)
+        return np.asarray(train if split == "train" else valid, np.int64)
+    order = list(range(n))
+    random.Random(d.seed).shuffle(order)
+    held = np.zeros(n, bool)
+    held[order[:max(1, int(n * HOLDOUT_FRACTION))]] = True
+    return np.flatnonzero(held if split == "valid" else ~held).astype(np.int64)
+
+
+def open_split(cfg: Config, split: str) -> Split:
+    """The train or valid split of cfg.data, lazily: no record is read or tokenised here.
+
+    With valid_file "" the validation records come out of the train file (see _holdout); the
+    split is made over the file's records by index, skipped records included, so it never
+    needs to read them. data.limit keeps the first N training records.
     """
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
     d = cfg.data
-    if split == "valid" and d.valid_file:
-        return tasks.read_records(d.task, data_path(cfg, d.valid_file), d.fields, d.chat_format)
-    records, skipped = tasks.read_records(d.task, data_path(cfg, d.train_file), d.fields,
-                                          d.chat_format)
-    if not d.valid_file:
-        if d.task in ("alpaca", "instruct"):
-            train, valid, _ = split_alpaca(records, d.seed)
-        else:
-            order = list(range(len(records)))
-            random.Random(d.seed).shuffle(order)
-            n_valid = max(1, int(len(records) * HOLDOUT_FRACTION))
-            held = set(order[:n_valid])
-            train = [r for i, r in enumerate(records) if i not in held]
-            valid = [r for i, r in enumerate(records) if i in held]
-        records = train if split == "train" else valid
+    name = d.valid_file if split == "valid" and d.valid_file else d.train_file
+    source = RecordSource(d.task, data_path(cfg, name), d.fields, d.chat_format)
+    indices = (_holdout(len(source), d, split) if not d.valid_file
+               else np.arange(len(source), dtype=np.int64))
     if split == "train" and d.limit:
-        records = records[:d.limit]
-    return records, skipped
+        indices = indices[:d.limit]
+    return Split(source, indices)
+
+
+def load_split(cfg: Config, split: str) -> tuple[list[dict], int]:
+    """open_split read whole: (records, skipped), for the small splits evaluation reads."""
+    s = open_split(cfg, split)
+    records = [r for r in s if r is not None]
+    if not records:
+        raise DataError(f"{s.source.path}: no usable records in the {split} split "
+                        f"({len(s)} empty examples skipped)")
+    return records, len(s) - len(records)
 
 
 def build_tokenizer(cfg: Config, records: list[dict] | None = None):
@@ -98,8 +153,7 @@ def build_tokenizer(cfg: Config, records: list[dict] | None = None):
     elif init_tok is not None and init_tok.is_dir():
         tok = load_tokenizer(init_tok)
     elif d.train_tokenizer_vocab > 0:
-        if records is None:
-            records, _ = load_split(cfg, "train")
+        records = [r for r in (open_split(cfg, "train") if records is None else records) if r]
         instructions = {r["instruction"] for r in records if r.get("instruction")}
         texts = sorted(instructions) + [t for r in records for t in (r["input"], r["output"]) if t]
         # The caller saves the tokenizer with the model; this directory is only scratch.
@@ -117,46 +171,87 @@ def build_tokenizer(cfg: Config, records: list[dict] | None = None):
     return tok
 
 
+def encode_one(tok, template, rec: dict | None, d: DataConfig) -> dict:
+    """{"ids", "mask", "flags"}: the int32 tokens and loss mask of one record after d.overlong,
+    and flags[TRUNCATED, DROPPED, NO_TARGET, SKIPPED]; dropped / skipped ones have no ids."""
+    flags_ = np.zeros(4, np.int32)
+
+    def marker(*which):
+        flags_[list(which)] = 1
+        return {"ids": EMPTY, "mask": EMPTY, "flags": flags_}
+    if rec is None:
+        return marker(SKIPPED)
+    keep = d.max_length + 1  # inputs and targets are both max_length after the shift
+    ex = tokenize_example(tok, template, rec, train_on=d.train_on)
+    if len(ex["ids"]) > keep and d.overlong == "truncate" and hasattr(template, "fit"):
+        # Conversations lose whole turns from the end; one whose first reply is already
+        # too long is dropped (both counted as truncated / dropped).
+        ex = template.fit(tok, rec, d.train_on, keep)
+        if ex is None:
+            return marker(DROPPED)
+        flags_[TRUNCATED] = 1
+    ids = np.asarray(ex["ids"], np.int32)
+    mask = np.asarray(ex["mask"], np.int32)
+    if len(ids) > keep:
+        if d.overlong == "drop":
+            return marker(DROPPED)
+        ids, mask = ids[:keep], mask[:keep]
+        flags_[TRUNCATED] = 1
+    if not mask[1:].any():
+        return marker(DROPPED, NO_TARGET)
+    return {"ids": ids, "mask": mask, "flags": flags_}
+
+
+class Encoder:
+    """The Grain map: position i of `records` -> encode_one. Picklable, for worker processes."""
+
+    def __init__(self, records, tok, template, d: DataConfig):
+        self.records, self.tok, self.template, self.d = records, tok, template, d
+
+    def __call__(self, i) -> dict:
+        return encode_one(self.tok, self.template, self.records[int(i)], self.d)
+
+
+def _no_examples(n: int, stats: DataStats, d: DataConfig, sampled: bool = False) -> DataError:
+    what = (f"the first {n} records of this process's shard (checked before training; the rest "
+            "are read as training reaches them)" if sampled else f"{n} records")
+    return DataError(
+        f"no examples left after filtering {what} (max_length={d.max_length}, overlong="
+        f"{d.overlong}): {stats.truncated} truncated, {stats.dropped} dropped, "
+        f"{stats.no_target} of them without a target token, {stats.skipped_empty} skipped empty")
+
+
+def check_sample(encoder: Encoder, positions, d: DataConfig) -> DataStats:
+    """Encodes the first SAMPLE positions in order: no example kept among them is the "no
+    examples left" error, found in seconds at any dataset size; their counts are returned
+    (the trainer reports them in its first lines)."""
+    stats, n = DataStats(), 0
+    for i in itertools.islice(positions, SAMPLE):
+        stats.count(encoder(i))
+        n += 1
+    if not stats.examples:
+        raise _no_examples(n, stats, d, sampled=True)
+    return stats
+
+
 def encode_records(tok, template, records: list[dict], d: DataConfig,
                    skipped_empty: int = 0) -> tuple[list[dict], DataStats]:
-    """Tokenises records into {"ids", "mask"} int32 arrays, applying d.overlong and dropping
-    examples left without a target token. Raises DataError when nothing is left."""
+    """Tokenises every record at once into {"ids", "mask"} (the eager path: validation,
+    tools); drops what encode_one drops. Raises DataError when nothing is left."""
     stats = DataStats(skipped_empty=skipped_empty)
-    keep = d.max_length + 1  # inputs and targets are both max_length after the shift
     out = []
     for rec in records:
-        ex = tokenize_example(tok, template, rec, train_on=d.train_on)
-        if len(ex["ids"]) > keep and d.overlong == "truncate" and hasattr(template, "fit"):
-            # Conversations lose whole turns from the end; one whose first reply is already
-            # too long is dropped (both counted as truncated / dropped).
-            ex = template.fit(tok, rec, d.train_on, keep)
-            if ex is None:
-                stats.dropped += 1
-                continue
-            stats.truncated += 1
-        ids = np.asarray(ex["ids"], np.int32)
-        mask = np.asarray(ex["mask"], np.int32)
-        if len(ids) > keep:
-            if d.overlong == "drop":
-                stats.dropped += 1
-                continue
-            ids, mask = ids[:keep], mask[:keep]
-            stats.truncated += 1
-        n_target = int(mask[1:].sum())
-        if n_target == 0:
-            stats.dropped += 1
-            stats.no_target += 1
-            continue
-        stats.examples += 1
-        stats.tokens += len(ids) - 1
-        stats.target_tokens += n_target
-        out.append({"ids": ids, "mask": mask})
+        ex = encode_one(tok, template, rec, d)
+        stats.count(ex)
+        if _kept(ex):
+            out.append({"ids": ex["ids"], "mask": ex["mask"]})
     if not out:
-        raise DataError(
-            f"no examples left after filtering {len(records)} records (max_length="
-            f"{d.max_length}, overlong={d.overlong}): {stats.truncated} truncated, "
-            f"{stats.dropped} dropped, {stats.no_target} of them without a target token")
+        raise _no_examples(len(records), stats, d)
     return out, stats
+
+
+def _kept(ex: dict) -> bool:
+    return not (ex["flags"][DROPPED] or ex["flags"][SKIPPED])
 
 
 def _shift(ex: dict) -> dict:
@@ -193,21 +288,27 @@ def _pad_rows(rows: list[dict], n_rows: int, length: int | None, cap: int) -> di
     return out
 
 
-def _shard(examples: list[dict], process_index: int, process_count: int) -> grain.MapDataset:
-    return grain.MapDataset.source(examples)[process_index::process_count]
+def _workers_ready() -> None:
+    # Grain's worker processes read absl flags, which a non-absl program never parses.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
-def _dataset(examples: list[dict], d: DataConfig, local_batch: int, *, train: bool,
-             process_index: int, process_count: int, epochs: int | None = None,
-             full_rows: bool = True) -> grain.IterDataset:
-    """The Grain pipeline for this process. train: shuffled, `epochs` passes (None: forever),
-    partial batches dropped; eval: in order, one pass, the last batch padded with empty rows
-    when `full_rows`."""
-    ds = _shard(examples, process_index, process_count)
+def _pipeline(encoded: grain.MapDataset, d: DataConfig, local_batch: int, *, train: bool,
+              epochs: int | None = None, full_rows: bool = True,
+              workers: int = 0) -> grain.IterDataset:
+    """This process's batches from its (lazily) encoded shard. train: shuffled, `epochs`
+    passes (None: forever), partial batches dropped; eval: in order, one pass, the last batch
+    padded with empty rows when `full_rows`. `workers` processes run the encoding map; the
+    filter, pack and batch after them see the same sequence as without workers."""
+    ds = encoded
     if train:
         ds = ds.shuffle(seed=d.seed).repeat(epochs)  # repeat reshuffles every epoch
-    # The map is a cheap slice; threads would cost more than they save.
-    it = ds.map(_shift).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if workers > 0:
+        _workers_ready()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it = it.filter(_kept).map(_shift)
     L = d.max_length
     if d.padding == "pack":
         it = grain.experimental.FirstFitPackIterDataset(
@@ -221,10 +322,7 @@ def _dataset(examples: list[dict], d: DataConfig, local_batch: int, *, train: bo
             return _stack_packed(rows, n_rows, L)
         return _pad_rows(rows, n_rows, L if d.padding == "max_length" else None, L)
 
-    it = it.batch(local_batch, drop_remainder=train and epochs is None, batch_fn=batch_fn)
-    if d.worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
-    return it
+    return it.batch(local_batch, drop_remainder=train and epochs is None, batch_fn=batch_fn)
 
 
 def _file_fingerprint(path: Path) -> dict:
@@ -257,7 +355,7 @@ class Loader:
 
     def __init__(self, make_dataset, stats_fn, *, train: bool, num_batches: int | None,
                  empty_batch: dict | None, counts: DataStats | None = None):
-        self.counts = counts  # the filtering counts, without the padding ratio (cheap)
+        self.counts = counts  # training: the counts of the first records of this shard (cheap)
         self._make_dataset = make_dataset
         self._stats_fn = stats_fn
         self._stats: DataStats | None = None
@@ -312,13 +410,71 @@ def padding_ratio(batches) -> float:
     return 1.0 - real / slots if slots else 0.0
 
 
-def make_loader(cfg: Config, tokenizer, records: list[dict], *, train: bool,
+def _train_loader(encoder: Encoder, n: int, d: DataConfig, local_batch: int, p: int, P: int,
+                  skipped_empty: int) -> Loader:
+    """Process p's endless training loader; it reads records p, p + P, ... of the split."""
+    sample = check_sample(encoder, range(p, n, P), d)
+
+    def dataset(q=p, **kw):
+        encoded = grain.MapDataset.range(q, n, P).map(encoder)
+        return _pipeline(encoded, d, local_batch, train=True, workers=d.worker_count, **kw)
+
+    def stats_fn():
+        # One in-order pass over every shard, counts summed; the padding ratio is measured on
+        # this process's first epoch, from the same encoded examples.
+        stats, mine = DataStats(skipped_empty=skipped_empty), None
+        for q in range(P):
+            shard = [encoder(i) for i in range(q, n, P)]
+            for ex in shard:
+                stats.count(ex)
+            mine = shard if q == p else mine
+        epoch = _pipeline(grain.MapDataset.source(mine), d, local_batch, train=True, epochs=1,
+                          full_rows=False)
+        return dataclasses.replace(stats, padding_ratio=padding_ratio(epoch))
+    return Loader(dataset, stats_fn, train=True, num_batches=None, empty_batch=None,
+                  counts=sample)
+
+
+def _eval_loader(encoder: Encoder, n: int, d: DataConfig, local_batch: int, p: int, P: int,
+                 skipped_empty: int) -> Loader:
+    """Process p's in-order validation loader. Validation is small, so it is encoded once,
+    whole, and the kept examples are sharded: every process can count every shard's batches."""
+    stats, kept = DataStats(skipped_empty=skipped_empty), []
+    for i in range(n):
+        ex = encoder(i)
+        stats.count(ex)
+        if _kept(ex):
+            kept.append(ex)
+    if not kept:
+        raise _no_examples(n, stats, d)
+    if len(kept) < P:
+        raise DataError(f"{len(kept)} validation examples cannot feed {P} processes")
+
+    def dataset(q=p, **kw):
+        return _pipeline(grain.MapDataset.source(kept)[q::P], d, local_batch, train=False, **kw)
+
+    def stats_fn():
+        return dataclasses.replace(stats, padding_ratio=padding_ratio(dataset(full_rows=False)))
+
+    # Every process must run the same number of eval steps; packing makes the count depend on
+    # the lengths, so count each shard's batches.
+    if d.padding == "pack":
+        counts = [sum(1 for _ in dataset(q)) for q in range(P)]
+    else:
+        counts = [math.ceil(len(range(q, len(kept), P)) / local_batch) for q in range(P)]
+    width = LONGEST_MULTIPLE if d.padding == "longest" else d.max_length
+    empty = {k: np.zeros((local_batch, min(width, d.max_length)), np.int32) for k in FIELDS}
+    return Loader(dataset, stats_fn, train=False, num_batches=max(counts), empty_batch=empty)
+
+
+def make_loader(cfg: Config, tokenizer, records, *, train: bool,
                 process_index: int | None = None, process_count: int | None = None,
                 skipped_empty: int = 0) -> Loader:
-    """Encodes `records` with cfg.data's template and returns this process's Loader.
+    """This process's Loader over `records`: a Split (lazy) or any list of records.
 
     process_index/process_count default to jax.process_index()/process_count(); each
-    process reads only every process_count-th example, starting at its index.
+    process reads and encodes only every process_count-th record, starting at its index.
+    `skipped_empty` adds records a reader skipped before `records` to the counts.
     """
     d = cfg.data
     if process_index is None:
@@ -328,29 +484,9 @@ def make_loader(cfg: Config, tokenizer, records: list[dict], *, train: bool,
     check_batch_split(d.batch_size, processes=process_count)
     local_batch = d.batch_size // process_count
     template = get_template(d.template, d.include_instruction, tokenizer)
-    examples, stats = encode_records(tokenizer, template, records, d, skipped_empty)
-    if len(examples) < process_count:
-        raise DataError(f"{len(examples)} examples cannot feed {process_count} processes")
-
-    def dataset(p=process_index, **kw):
-        return _dataset(examples, d, local_batch, train=train, process_index=p,
-                        process_count=process_count, **kw)
-
-    def stats_fn():
-        one_epoch = dataset(epochs=1, full_rows=False) if train else dataset(full_rows=False)
-        return dataclasses.replace(stats, padding_ratio=padding_ratio(one_epoch))
-
-    num_batches = empty = None
-    if not train:
-        # Every process must run the same number of eval steps; packing makes the count
-        # depend on the lengths, so count each shard's batches.
-        if d.padding == "pack":
-            counts = [sum(1 for _ in dataset(p)) for p in range(process_count)]
-        else:
-            counts = [math.ceil(len(range(p, len(examples), process_count)) / local_batch)
-                      for p in range(process_count)]
-        num_batches = max(counts)
-        width = LONGEST_MULTIPLE if d.padding == "longest" else d.max_length
-        empty = {k: np.zeros((local_batch, min(width, d.max_length)), np.int32) for k in FIELDS}
-    return Loader(dataset, stats_fn, train=train, num_batches=num_batches, empty_batch=empty,
-                  counts=stats)
+    if len(records) < process_count:
+        raise DataError(f"{len(records)} records cannot feed {process_count} processes")
+    encoder = Encoder(records, tokenizer, template, d)
+    make = _train_loader if train else _eval_loader
+    return make(encoder, len(records), d, local_batch, process_index, process_count,
+                skipped_empty)

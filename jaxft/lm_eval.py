@@ -124,16 +124,20 @@ def parse_mesh(value) -> MeshConfig:
     return MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
 
 
-def parse_batch_size(value) -> int:
-    if isinstance(value, str) and value.startswith("auto"):
-        return AUTO_BATCH
+def _positive_int(key: str, value, alternatives: str = "") -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
         n = 0
     if n < 1:
-        raise LMEvalError(f"model_args batch_size={value!r}: expected a positive integer or auto")
+        raise LMEvalError(f"model_args {key}={value!r}: expected a positive integer{alternatives}")
     return n
+
+
+def parse_batch_size(value) -> int:
+    if isinstance(value, str) and value.startswith("auto"):
+        return AUTO_BATCH
+    return _positive_int("batch_size", value, " or auto")
 
 
 def check_model_dir(path) -> Path:
@@ -170,12 +174,7 @@ def build_mesh(mc: MeshConfig):
 def check_max_length(value, limit: int, where: Path) -> int:
     if value is None:
         return limit
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise LMEvalError(f"model_args max_length={value!r}: expected a positive integer")
+    n = _positive_int("max_length", value)
     if n > limit:
         raise LMEvalError(f"model_args max_length={n}: the model supports at most {limit} tokens "
                           f"(max_seq_len in {where / 'config.json'})")

@@ -127,6 +127,15 @@ class SentencePieceTokenizer(Tokenizer):
     def __len__(self) -> int:
         return self._sp.get_piece_size()
 
+    def __getstate__(self) -> dict:
+        # Grain worker processes get the tokenizer pickled; the proto and processor are not.
+        return {**self.__dict__, "_proto": self._proto.SerializeToString(), "_sp": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._proto = sp_pb.ModelProto.FromString(state["_proto"])
+        self._sp = spm.SentencePieceProcessor(model_proto=state["_proto"])
+
     def encode(self, text: str) -> list[int]:
         ids = self._sp.encode(text)
         # SentencePiece puts its dummy-prefix space before a leading added token; drop it, as

@@ -250,7 +250,7 @@ class Run:
         return loss
 
 
-def _run_tokenizer(cfg: Config, run_dir: Path, train_records: list[dict]):
+def _run_tokenizer(cfg: Config, run_dir: Path, train_records):
     """The run dir's tokenizer on a resume, else a new one saved there."""
     tok_dir = run_dir / "tokenizer"
     if tok_dir.is_dir():
@@ -301,15 +301,16 @@ def prepare(cfg: Config, run_dir: str | Path) -> Run:
     mesh = sharding.make_mesh(cfg.mesh)  # a mesh/device mismatch fails before any compile
     check_batch_split(cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
                       data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
-    train_records, skipped = data.load_split(cfg, "train")
-    valid_records = data.load_split(cfg, "valid")[0] if cfg.train.eval_every else []
+    # Lazy splits: nothing is tokenised here, each process encodes its shard as it trains.
+    train_records = data.open_split(cfg, "train")
+    valid_records = data.open_split(cfg, "valid") if cfg.train.eval_every else []
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = _run_tokenizer(cfg, run_dir, train_records)
     cfg = dataclasses.replace(cfg, model=state.model_config(cfg, len(tok)))
     fingerprint = data.fingerprint(cfg)
     check_resume(run_dir, cfg, fingerprint)
     layout = state.make_layout(cfg.model, mesh, make_optimizer(cfg.optim, cfg.train.steps))
-    loader = data.make_loader(cfg, tok, train_records, train=True, skipped_empty=skipped)
+    loader = data.make_loader(cfg, tok, train_records, train=True)
     ckpts = checkpoint.Checkpoints(run_dir / "ckpt", keep=cfg.train.keep)
     step, params, opt_state, rng, resumed = _restore_or_init(cfg, layout, ckpts, loader)
     write_run_record(run_dir, cfg, fingerprint)  # only now: a refused resume changes nothing
@@ -404,16 +405,16 @@ def run(cfg: Config, run_dir: str | Path) -> int:
 
 
 def _report_data(r: Run) -> None:
-    """What filtering did to the training data, in the run's first lines (as `jaxft audit`)."""
+    """What filtering does to the training data, in the run's first lines, from the first
+    records of this process's shard (the pipeline is lazy; `jaxft audit` counts them all)."""
     c = r.loader.counts
-    total = c.examples + c.dropped + c.skipped_empty
-    r.report.message(f"jaxft: data: {c.examples} examples of {total} records; {c.truncated} "
-                     f"truncated to data.max_length={r.cfg.data.max_length}, {c.dropped} dropped "
-                     f"({c.no_target} without a target), {c.skipped_empty} empty skipped")
-    if total and (c.truncated + c.dropped + c.skipped_empty) > total / 2:
-        r.report.message(f"jaxft: WARNING: more than half of the training records were "
-                         f"truncated, dropped or skipped; check data.max_length and the template "
-                         f"(`jaxft audit` shows them)")
+    seen = c.examples + c.dropped
+    r.report.message(f"jaxft: data: of the first {seen} records of this shard {c.examples} are "
+                     f"kept; {c.truncated} truncated to data.max_length={r.cfg.data.max_length}, "
+                     f"{c.dropped} dropped ({c.no_target} without a target)")
+    if seen and (c.truncated + c.dropped) > seen / 2:
+        r.report.message("jaxft: WARNING: more than half of the training records are truncated "
+                         "or dropped; check data.max_length and the template (`jaxft audit`)")
 
 
 def _task_evaluator(cfg: Config, tok):

@@ -151,13 +151,18 @@ def collect(path, items) -> tuple[list[dict], int]:
     """Keeps records with a prompt and a response; counts the rest. No records left is an error."""
     records, skipped = [], 0
     for r in items:
-        if not (r["input"].strip() or r["instruction"].strip()) or not r["output"].strip():
-            skipped += 1
-        else:
+        if usable(r):
             records.append(r)
+        else:
+            skipped += 1
     if not records:
         raise DataError(f"{path}: no usable records ({skipped} empty examples skipped)")
     return records, skipped
+
+
+def usable(r: dict) -> bool:
+    """A record needs a prompt (input or instruction) and a response; others are skipped."""
+    return bool((r["input"].strip() or r["instruction"].strip()) and r["output"].strip())
 
 
 def record(instruction: str, input: str, output: str, line: int) -> dict:

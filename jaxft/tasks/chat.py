@@ -103,6 +103,32 @@ def _messages(obj: dict, fmt: str, where: str) -> list[dict]:
     return out
 
 
+def _where(path, n: int, listed: bool) -> str:
+    return f"{path}: item {n}" if listed else f"{path}:{n}"
+
+
+def detect_row(obj, path, n: int, listed: bool, chat_format: str) -> str:
+    """The file's format, from its first row `obj`."""
+    where = _where(path, n, listed)
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return detect(obj, path, where, chat_format)
+
+
+def to_record(obj, path, n: int, listed: bool, fmt: str) -> dict | None:
+    """One row as a record; None for a conversation without an assistant turn."""
+    where = _where(path, n, listed)
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    messages = _messages(obj, fmt, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        return None
+    extra = {k: v for k, v in obj.items() if k != KEYS[fmt][0]}
+    return {"messages": messages, "extra": extra, "file": str(path), "line": n,
+            "instruction": "", "input": _last(messages, "user"),
+            "output": _last(messages, "assistant")}
+
+
 def _last(messages, role: str) -> str:
     return next((str(m["content"]) for m in reversed(messages) if m["role"] == role), "")
 
@@ -112,18 +138,12 @@ def read(path, fields=None, chat_format: str = "auto") -> tuple[list[dict], int]
     it, listed = rows(path)
     records, skipped, fmt = [], 0, None
     for n, obj in it:
-        where = f"{path}: item {n}" if listed else f"{path}:{n}"
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        fmt = fmt or detect(obj, path, where, chat_format)
-        messages = _messages(obj, fmt, where)
-        if not any(m["role"] == "assistant" for m in messages):
+        fmt = fmt or detect_row(obj, path, n, listed, chat_format)
+        rec = to_record(obj, path, n, listed, fmt)
+        if rec is None:
             skipped += 1  # empty, or nothing to learn from
-            continue
-        extra = {k: v for k, v in obj.items() if k != KEYS[fmt][0]}
-        records.append({"messages": messages, "extra": extra, "file": str(path), "line": n,
-                        "instruction": "", "input": _last(messages, "user"),
-                        "output": _last(messages, "assistant")})
+        else:
+            records.append(rec)
     if not records:
         raise DataError(f"{path}: no usable conversations ({skipped} without an assistant turn "
                         "skipped)")

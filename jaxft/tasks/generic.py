@@ -19,17 +19,24 @@ def read(path, fields=None) -> tuple[list[dict], int]:
 
 
 def read_format(path, fmt: str, fields: dict | None) -> tuple[list[dict], int]:
+    fields = check_fields(path, fields)
+    rows = iter_csv(path) if fmt == "csv" else iter_jsonl(path)
+    return collect(path, (to_record(o, path, n, fields) for n, o in rows))
+
+
+def check_fields(path, fields: dict | None) -> dict:
     fields = dict(fields or {})
     unknown = set(fields) - set(ROLES)
     if unknown or "output" not in fields or not ({"input", "instruction"} & set(fields)):
         raise DataError(f"{path}: data.fields must map output and input (or instruction) to "
                         f"columns, with keys from {', '.join(ROLES)}; got {fields}")
-    rows = iter_csv(path) if fmt == "csv" else iter_jsonl(path)
+    return fields
 
-    def get(obj, role, n):
-        return field(obj, fields[role], path, n) if fields.get(role) else ""
-    return collect(path, (record(get(o, "instruction", n), get(o, "input", n), get(o, "output", n), n)
-                          for n, o in rows))
+
+def to_record(o: dict, path, n: int, fields: dict) -> dict:
+    def get(role):
+        return field(o, fields[role], path, n) if fields.get(role) else ""
+    return record(get("instruction"), get("input"), get("output"), n)
 
 
 def clean(prediction: str) -> str:

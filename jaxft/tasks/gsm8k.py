@@ -17,9 +17,15 @@ INSTRUCTION = ("Solve the math word problem below step by step, then give the fi
 _NUMBER = re.compile(r"(-?)\$?\s?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?")
 
 
+ROWS = "jsonl"
+
+
 def read(path, fields=None) -> tuple[list[dict], int]:
-    return collect(path, (record("", field(o, "question", path, n), field(o, "answer", path, n), n)
-                          for n, o in iter_jsonl(path)))
+    return collect(path, (to_record(o, path, n) for n, o in iter_jsonl(path)))
+
+
+def to_record(o: dict, path, n: int, fields=None) -> dict:
+    return record("", field(o, "question", path, n), field(o, "answer", path, n), n)
 
 
 def clean(prediction: str) -> str:

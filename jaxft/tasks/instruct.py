@@ -13,11 +13,17 @@ from jaxft.tasks import collect, cut, field, iter_json_list, record
 INSTRUCTION = ""  # every record carries its own
 
 
+ROWS = "json_list"
+
+
 def read(path, fields=None) -> tuple[list[dict], int]:
-    def get(o, name, i):
+    return collect(path, (to_record(o, path, i) for i, o in iter_json_list(path)))
+
+
+def to_record(o: dict, path, i: int, fields=None) -> dict:
+    def get(name):
         return field(o, name, path, i, listed=True)
-    return collect(path, (record(get(o, "instruction", i), get(o, "input", i), get(o, "output", i), i)
-                          for i, o in iter_json_list(path)))
+    return record(get("instruction"), get("input"), get("output"), i)
 
 
 def split_alpaca(records: list, seed: int | None = 0) -> tuple[list, list, list]:

@@ -20,11 +20,14 @@ INSTRUCTION = ("Write one SQL query that answers the question about the table be
                "the table and column names exactly as given.")
 
 
+ROWS = "jsonl"
+
+
 def read(path, fields=None) -> tuple[list[dict], int]:
-    return collect(path, (_record(o, path, n) for n, o in iter_jsonl(path)))
+    return collect(path, (to_record(o, path, n) for n, o in iter_jsonl(path)))
 
 
-def _record(o: dict, path, n: int) -> dict:
+def to_record(o: dict, path, n: int, fields=None) -> dict:
     if "text" not in o and "context" in o:  # sql-create-context
         q, ctx = field(o, "question", path, n), field(o, "context", path, n)
         return record("", f"{ctx.strip()}\nQ: {q.strip()}", field(o, "answer", path, n), n)

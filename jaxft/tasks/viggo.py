@@ -25,10 +25,15 @@ INSTRUCTION = (
     + ". Keep only what the sentence says.")
 
 
+ROWS = "csv"
+
+
 def read(path, fields=None) -> tuple[list[dict], int]:
-    rows = iter_csv(path)
-    return collect(path, (record("", field(r, "ref", path, n), field(r, "mr", path, n), n)
-                          for n, r in rows))
+    return collect(path, (to_record(r, path, n) for n, r in iter_csv(path)))
+
+
+def to_record(r: dict, path, n: int, fields=None) -> dict:
+    return record("", field(r, "ref", path, n), field(r, "mr", path, n), n)
 
 
 def clean(prediction: str) -> str:
