@@ -224,3 +224,32 @@ def test_config_errors_fail_before_compiling(tmp_path, sets, expect):
     assert expect in r.stderr
     assert "Traceback" not in r.stderr
     assert not (out / "ckpt").exists()
+
+
+def test_run_leaves_the_callers_config_and_sigterm_handler_alone(tmp_path, data_root):
+    """In-process: the run resolves its own model config (vocab grown to the tokenizer) on a
+    copy, and the SIGTERM handler it installs is the caller's again afterwards."""
+    import dataclasses
+    from jaxft import config as config_lib, train
+    cfg = config_lib.load_config(CONFIG, [*FAST, "train.steps=2", "train.eval_every=0",
+                                          "train.ckpt_every=0", "data.limit=64"])
+    before = dataclasses.asdict(cfg)
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert train.run(cfg, tmp_path / "run") == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert dataclasses.asdict(cfg) == before
+    run_vocab = json.loads((tmp_path / "run" / "final" / "config.json").read_text())["vocab_size"]
+    assert run_vocab != cfg.model.vocab_size  # the run's copy did change: the tokenizer's vocab
+
+
+def test_mfu_needs_a_known_device_or_the_env(monkeypatch):
+    from jaxft import train
+    monkeypatch.delenv("JAXFT_PEAK_FLOPS", raising=False)
+    monkeypatch.setattr(train, "PEAK_FLOPS", {"TPU v5": 459e12})  # no entry for this CPU
+    assert train.peak_flops() is None
+    monkeypatch.setenv("JAXFT_PEAK_FLOPS", "1e12")
+    assert train.peak_flops() == 1e12
