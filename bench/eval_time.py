@@ -14,6 +14,7 @@ checkouts generate identical text.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import tempfile
 import time
@@ -42,8 +43,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0, help="examples (default: demo 50, eval 100)")
     ap.add_argument("--json", default="", help="write predictions and timings here")
     ap.add_argument("--split", action="store_true", help="per batch, rerun the compiled decoder "
-                    "with one new token to split prefill from decode (the old single-jit decoder)")
+                    "with one new token to split prefill from decode (max_new is traced)")
+    ap.add_argument("--compile-cache", action="store_true",
+                    help="use jaxft's persistent compilation cache ($JAXFT_COMPILE_CACHE)")
     args = ap.parse_args()
+    if args.compile_cache:
+        from jaxft import compile_cache  # late: the older checkout being compared has none
+        compile_cache.enable()
     spent: dict[str, float] = defaultdict(float)
     batches: list[dict] = []
     inner = jgen.generate
@@ -97,13 +103,14 @@ def main() -> None:
 
 def _prefill_time(inner, model, prompts, max_new_tokens, kw) -> float:
     """The old single-jit decoder run again, compiled already, with a budget of one new token
-    (max_new is a traced argument there): the prefill plus one decode step."""
+    (max_new is a traced argument): the prefill plus one decode step, same compile."""
     old = jgen._decode
+    at = list(inspect.signature(old).parameters).index("max_new")
     took = []
 
     def once(*a, **k):
         a = list(a)
-        a[8] = jax.numpy.int32(1)
+        a[at] = jax.numpy.int32(1)
         t = time.perf_counter()
         out = jax.block_until_ready(old(*a, **k))
         took.append(time.perf_counter() - t)

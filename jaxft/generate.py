@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxft import chat, kvcache, sharding
+from jaxft import chat, compile_cache, kvcache, sharding
 from jaxft.kvcache import Static as _Static
 from jaxft.state import load
 from jaxft.tasks import cut_at_stop
@@ -185,20 +185,23 @@ def _split_prefix(prompts, prefix: kvcache.Prefix | None) -> list[list[int]]:
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: Iterable[int] = (),
              stop_ids: Iterable[int] | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, cache_len: int | None = None,
-             prefix: kvcache.Prefix | None = None, rows: int | None = None) -> list[list[int]]:
+             prefix: kvcache.Prefix | None = None, rows: int | None = None,
+             prompt_len: int = 0) -> list[list[int]]:
     """New tokens for each prompt (token ids, BOS included), cut before the first EOS or stop
     token and at `max_new_tokens`. Greedy unless `temperature` > 0. `prefix` (from
-    `kvcache.prefill_prefix`) is a start every prompt shares, prefilled once; `rows` pads the
-    batch to that many rows, so batches of one evaluation share a compile."""
+    `kvcache.prefill_prefix`) is a start every prompt shares, prefilled once; `rows` and
+    `prompt_len` (after the prefix) pad the batch to at least that size, so the batches of one
+    evaluation share a compile."""
     _check_prompts(model, prompts, max_new_tokens)
     stop = sorted(set(eos_ids) | set(stop_ids or ()))
     mesh = _model_mesh(model)
     own = _split_prefix(prompts, prefix)
     rows = _batch_rows(len(prompts), mesh) if rows is None else round_up(max(rows, len(prompts)),
                                                                        _batch_rows(1, mesh))
-    # Prompts pad to a multiple of 64 (a power of two would nearly double a long prefill), the
-    # output to a multiple of 16: compiles stay few, the cache stays close to what is used.
-    p, t = round_up(max(len(x) for x in own), 64), round_up(max_new_tokens, 16)
+    # Prompts and output pad to multiples of 16: prefill is the costly part of a batch, and
+    # callers that pass `prompt_len` get one compile for all their batches anyway.
+    p = round_up(max(prompt_len, *(len(x) for x in own)), 16)
+    t = round_up(max_new_tokens, 16)
     if cache_len is not None:
         if cache_len < p + max_new_tokens:
             raise ValueError(f"generate: cache_len={cache_len} is shorter than prompt bucket {p} "
@@ -294,11 +297,13 @@ def generate_text(model, tok, template, records: list[dict], max_new_tokens: int
     prefix = kvcache.prefill_prefix(model, shared_prefix(prompts))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     rows = min(batch_size, len(prompts))
+    longest = len(prompts[order[0]]) - len(prefix.ids)
     texts: list[str] = [""] * len(prompts)
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
         new = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids=(tok.eos_id,),
-                       stop_ids=stop_ids, prefix=prefix, rows=rows, **sampling)
+                       stop_ids=stop_ids, prefix=prefix, rows=rows, prompt_len=longest,
+                       **sampling)
         for i, ids in zip(idx, new):
             texts[i] = cut_at_stop(tok.decode(ids), stop_strings)
     return texts
@@ -326,6 +331,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(args) -> int:
+    compile_cache.enable()
     loaded = load(args.ckpt, need_tokenizer=True)
     tok = loaded.tokenizer
     stops = ()
