@@ -102,7 +102,7 @@ def main() -> None:
 
 
 def _prefill_time(inner, model, prompts, max_new_tokens, kw) -> float:
-    """The old single-jit decoder run again, compiled already, with a budget of one new token
+    """The jitted decoder run again, compiled already, with a budget of one new token
     (max_new is a traced argument): the prefill plus one decode step, same compile."""
     old = jgen._decode
     at = list(inspect.signature(old).parameters).index("max_new")
