@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxft import compile_cache
 from jaxft import data as jdata
 from jaxft.chat import get_template
 from jaxft.config import EvalConfig, at_least, load_config
@@ -179,6 +180,7 @@ def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0):
 
 
 def main(args) -> int:
+    compile_cache.enable()
     if args.out:
         check_output(args.out, args.force)
     loaded = load(args.ckpt, need_tokenizer=True)

@@ -17,8 +17,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxft import chat, sharding
+from jaxft import chat, compile_cache, kvcache, sharding
 from jaxft.config import at_least
+from jaxft.kvcache import Static
 from jaxft.state import load
 from jaxft.tasks import cut_at_stop
 from jaxft.templates import get_template, prompt_ids
@@ -116,84 +117,111 @@ def _cut(rows_BxT: np.ndarray, n: int, stop: set[int], keep_stop: bool = False) 
 
 # ---------------------------------------------------------------- the jitted decoder
 
-class StaticGraph:
-    """A GraphDef made hashable for jit's static arguments (ModelConfig, inside it, is a plain
-    dataclass): two models of the same structure share compiles."""
-
-    def __init__(self, graphdef):
-        self.graphdef, self._key = graphdef, repr(graphdef)
-
-    def __hash__(self):
-        return hash(self._key)
-
-    def __eq__(self, other):
-        return isinstance(other, StaticGraph) and self._key == other._key
-
-@partial(jax.jit, static_argnames=("graphdef", "mesh", "cache_len", "out_len", "temperature",
-                                   "top_k", "top_p"))
-def _decode(graphdef, state, ids_BxP, pos_BxP, seg_BxP, done_B, stop_T, key, max_new, *, mesh,
-            cache_len, out_len, temperature, top_k, top_p):
-    model = nnx.merge(graphdef.graphdef, state)
-    b, p = ids_BxP.shape
-    cache = model.init_cache(b, cache_len)
+def _row_cache(model, b: int, s: int, mesh) -> kvcache.RowCache:
+    cfg = model.cfg
+    shape = (cfg.n_layers, b, cfg.n_kv_heads, s, cfg.head_size)
+    k = v = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     if mesh is not None:  # cache rows follow the batch; kv heads follow the tensor axis
-        axes = ("layers", "batch", "length", "kv_heads", "head_dim")
-        kv = NamedSharding(mesh, sharding.spec(axes, cache["k"].shape, mesh))
-        cache["k"] = jax.lax.with_sharding_constraint(cache["k"], kv)
-        cache["v"] = jax.lax.with_sharding_constraint(cache["v"], kv)
-    # Prefill: only the last position's logits are needed, never the full [B, P, V].
-    h_BxPxD, cache = model.hidden(ids_BxP, pos_BxP, seg_BxP, cache)
-    last_logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
-    next_pos_B = pos_BxP[:, -1] + 1
+        axes = ("layers", "batch", "kv_heads", "length", "head_dim")
+        kv = NamedSharding(mesh, sharding.spec(axes, shape, mesh))
+        k, v = (jax.lax.with_sharding_constraint(x, kv) for x in (k, v))
+    return kvcache.RowCache(k, v, jnp.zeros((b, s), bool))
+
+
+def _write(row: kvcache.RowCache, k_NxBxKxLxE, v_NxBxKxLxE, ok_BxL, slot) -> kvcache.RowCache:
+    """The row cache with L new slots written at `slot`, in place inside the loop."""
+    at = (0, 0, 0, slot, 0)
+    return kvcache.RowCache(jax.lax.dynamic_update_slice(row.k, k_NxBxKxLxE.astype(row.k.dtype), at),
+                            jax.lax.dynamic_update_slice(row.v, v_NxBxKxLxE.astype(row.v.dtype), at),
+                            jax.lax.dynamic_update_slice(row.ok_BxS, ok_BxL, (0, slot)))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "mesh", "out_len", "temperature", "top_k",
+                                   "top_p"))
+def _decode(graphdef, state, prefix_k, prefix_v, ids_BxL, valid_BxL, done_B, stop_T, key,
+            max_new, *, mesh, out_len, temperature, top_k, top_p):
+    """Prefill the rows' own tokens (left-padded, after the shared prefix), then decode one
+    token per row per step in a while loop that ends when every row has stopped."""
+    model = nnx.merge(graphdef.graphdef, state)
+    b, l = ids_BxL.shape
+    prefix = kvcache.Prefix((), prefix_k, prefix_v)
+    pos_BxL = prefix_k.shape[2] + jnp.maximum(jnp.cumsum(valid_BxL, axis=1) - 1, 0)
+    h_BxLxD, k_new, v_new = kvcache.forward(model, ids_BxL, pos_BxL,
+                                            kvcache.causal_ok(valid_BxL), prefix)
+    # Only the last position's logits are needed, never the full [B, L, V].
+    last_logits_BxV = model.logits(h_BxLxD[:, -1:])[:, 0]
+    row = _write(_row_cache(model, b, l + out_len, mesh), k_new, v_new, valid_BxL, 0)
+    one_Bx1x1 = jnp.ones((b, 1, 1), bool)
 
     def cond(carry):
         step, done_B = carry[0], carry[3]
         return (step < max_new) & ~jnp.all(done_B)
 
     def body(carry):
-        step, logits_BxV, out_BxT, done_B, cache, pos_B = carry
+        step, logits_BxV, out_BxT, done_B, row, pos_B = carry
         tok_B = sample_logits(jax.random.fold_in(key, step), logits_BxV, temperature, top_k, top_p)
         tok_B = jnp.where(done_B, -1, tok_B)  # -1 marks "already finished"
         out_BxT = jax.lax.dynamic_update_slice(out_BxT, tok_B[:, None], (0, step))
         done_B = done_B | jnp.isin(tok_B, stop_T)
-        logits_Bx1xV, cache = model(jnp.maximum(tok_B, 0)[:, None], pos_B[:, None],
-                                    jnp.ones((b, 1), jnp.int32), cache)
-        return step + 1, logits_Bx1xV[:, 0], out_BxT, done_B, cache, pos_B + 1
+        h_Bx1xD, k1, v1 = kvcache.forward(model, jnp.maximum(tok_B, 0)[:, None], pos_B[:, None],
+                                          one_Bx1x1, prefix, row)
+        row = _write(row, k1, v1, one_Bx1x1[:, 0], l + step)
+        return step + 1, model.logits(h_Bx1xD)[:, 0], out_BxT, done_B, row, pos_B + 1
 
     out_BxT = jnp.full((b, out_len), -1, jnp.int32)
-    carry = (jnp.int32(0), last_logits_BxV, out_BxT, done_B, cache, next_pos_B)
+    carry = (jnp.int32(0), last_logits_BxV, out_BxT, done_B, row, pos_BxL[:, -1] + 1)
     return jax.lax.while_loop(cond, body, carry)[2]
+
+
+def _split_prefix(prompts, prefix: kvcache.Prefix | None) -> list[list[int]]:
+    """Each prompt's tokens after the shared prefix (checked to be there)."""
+    if prefix is None or not prefix.ids:
+        return [list(p) for p in prompts]
+    n = len(prefix.ids)
+    if any(tuple(p[:n]) != prefix.ids or len(p) <= n for p in prompts):
+        raise ValueError("generate: every prompt must start with the cached prefix and "
+                         "have at least one token after it")
+    return [list(p[n:]) for p in prompts]
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: Iterable[int] = (),
              stop_ids: Iterable[int] | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, cache_len: int | None = None,
-             keep_stop: bool = False) -> list[list[int]]:
+             prefix: kvcache.Prefix | None = None, rows: int | None = None,
+             prompt_len: int = 0, keep_stop: bool = False) -> list[list[int]]:
     """New tokens for each prompt (token ids, BOS included), cut before the first EOS or stop
     token (after it with `keep_stop`: a stop token whose text holds more than the stop string)
-    and at `max_new_tokens`. Greedy unless `temperature` > 0."""
+    and at `max_new_tokens`. Greedy unless `temperature` > 0. `prefix` (from
+    `kvcache.prefill_prefix`) is a start every prompt shares, prefilled once; `rows` and
+    `prompt_len` (after the prefix) pad the batch to at least that size, so the batches of one
+    evaluation share a compile."""
     _check_prompts(model, prompts, max_new_tokens)
     stop = sorted(set(eos_ids) | set(stop_ids or ()))
     mesh = _model_mesh(model)
-    rows = _batch_rows(len(prompts), mesh)
-    # Prompts pad to a multiple of 64 (a power of two would nearly double a long few-shot
-    # prefill); output and cache lengths to powers of two. Compiles stay few either way.
-    p, t = round_up(max(len(x) for x in prompts), 64), bucket(max_new_tokens)
-    s = round_up(p + t, 64) if cache_len is None else cache_len
-    if s < p + max_new_tokens:
-        raise ValueError(f"generate: cache_len={s} is shorter than prompt bucket {p} + "
-                         f"max_new_tokens {max_new_tokens}")
-    t = min(t, s - p)
-    ids, pos, seg = left_pad(prompts, rows, p)
+    own = _split_prefix(prompts, prefix)
+    rows = _batch_rows(len(prompts), mesh) if rows is None else round_up(max(rows, len(prompts)),
+                                                                       _batch_rows(1, mesh))
+    # Prompts and output pad to multiples of 16: prefill is the costly part of a batch, and
+    # callers that pass `prompt_len` get one compile for all their batches anyway.
+    p = round_up(max(prompt_len, *(len(x) for x in own)), 16)
+    t = round_up(max_new_tokens, 16)
+    if cache_len is not None:
+        if cache_len < p + max_new_tokens:
+            raise ValueError(f"generate: cache_len={cache_len} is shorter than prompt bucket {p} "
+                             f"+ max_new_tokens {max_new_tokens}")
+        t = cache_len - p
+    if prefix is None:
+        prefix = kvcache.prefill_prefix(model, [])
+    ids, _, seg = left_pad(own, rows, p)
     done = np.arange(rows) >= len(prompts)  # filler rows start finished
-    args = [ids, pos, seg, done]
+    args = [ids, seg.astype(bool), done]
     if mesh is not None:
         args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
     graphdef, state = nnx.split(model)
     stop_T = np.full(bucket(len(stop), 8), -2, np.int32)  # -2 matches no token
     stop_T[:len(stop)] = stop
-    out = _decode(StaticGraph(graphdef), state, *args, stop_T,
-                  jax.random.key(seed), jnp.int32(max_new_tokens), mesh=mesh, cache_len=s, out_len=t,
+    out = _decode(Static(graphdef), state, prefix.k_NxKxPxE, prefix.v_NxKxPxE, *args, stop_T,
+                  jax.random.key(seed), jnp.int32(max_new_tokens), mesh=mesh, out_len=t,
                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     return _cut(np.asarray(jax.device_get(out))[:, :max_new_tokens], len(prompts), set(stop),
                 keep_stop)
@@ -228,7 +256,7 @@ def generate_no_cache(model, prompts: list[list[int]], max_new_tokens: int, *,
     done = np.zeros(b, bool)
     out = np.full((b, max_new_tokens), -1, np.int32)
     for step in range(max_new_tokens):
-        logits_BxV = _logits_at(StaticGraph(graphdef), state, ids, pos, seg, p + step - 1)
+        logits_BxV = _logits_at(Static(graphdef), state, ids, pos, seg, p + step - 1)
         tok = np.asarray(sample_logits(jax.random.fold_in(key, step), logits_BxV, temperature,
                                        top_k, top_p))
         tok = np.where(done, -1, tok)
@@ -242,21 +270,46 @@ def generate_no_cache(model, prompts: list[list[int]], max_new_tokens: int, *,
 
 # ---------------------------------------------------------------- text in, text out
 
+MIN_PREFIX = 32  # shorter shared starts are not worth a prefix cache of their own
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The longest start common to every prompt that leaves each at least one token of its
+    own; empty when there is a single prompt or the start is under MIN_PREFIX tokens."""
+    if len(prompts) < 2:
+        return []
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return list(first[:n]) if n >= MIN_PREFIX else []
+
+
 def generate_text(model, tok, template, records: list[dict], max_new_tokens: int,
                   stop_strings: Iterable[str] = (), *, batch_size: int = 8,
                   prompts: list[list[int]] | None = None, **sampling) -> list[str]:
     """The generated text for each record's prompt (tokenised as in training), cut at the first
-    stop string. `prompts` overrides the token ids (few-shot prompts are built by the caller)."""
+    stop string. `prompts` overrides the token ids (few-shot prompts are built by the caller).
+
+    Prompts run longest first, so each batch pads to similar lengths (answers grow with the
+    prompt, so rows of a batch also tend to stop together); a start shared by every prompt
+    (few-shot examples) is prefilled once; every batch has the same row count (one compile)."""
     if prompts is None:
         prompts = [prompt_ids(tok, template, ex) for ex in records]
     stop_strings = tuple(stop_strings)
     # A stop string that is one token (a template's end marker) also ends decoding early.
     stop_ids = [i for i in map(tok.token_id, stop_strings) if i is not None]
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        new = generate(model, prompts[i:i + batch_size], max_new_tokens,
-                       eos_ids=(tok.eos_id,), stop_ids=stop_ids, **sampling)
-        texts += [cut_at_stop(tok.decode(ids), stop_strings) for ids in new]
+    prefix = kvcache.prefill_prefix(model, shared_prefix(prompts))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    rows = min(batch_size, len(prompts))
+    longest = len(prompts[order[0]]) - len(prefix.ids)
+    texts: list[str] = [""] * len(prompts)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        new = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids=(tok.eos_id,),
+                       stop_ids=stop_ids, prefix=prefix, rows=rows, prompt_len=longest,
+                       **sampling)
+        for i, ids in zip(idx, new):
+            texts[i] = cut_at_stop(tok.decode(ids), stop_strings)
     return texts
 
 
@@ -282,6 +335,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(args) -> int:
+    compile_cache.enable()
     loaded = load(args.ckpt, need_tokenizer=True)
     tok = loaded.tokenizer
     stops = ()

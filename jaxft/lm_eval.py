@@ -37,7 +37,8 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
 from jaxft import modeldir, sharding
 from jaxft.config import MeshConfig
 from jaxft.errors import ConfigError
-from jaxft.generate import StaticGraph, bucket, generate, left_pad, round_up
+from jaxft.generate import bucket, generate, left_pad, round_up
+from jaxft.kvcache import Static
 from jaxft.kernels import token_nll
 from jaxft.state import load
 
@@ -221,7 +222,7 @@ class JaxftLM(TemplateLM):
         loaded = load(d, self.mesh)
         self.model, self.tok, self.cfg = loaded.model, loaded.tokenizer, loaded.config
         graphdef, self._state = nnx.split(self.model)
-        self._graphdef = StaticGraph(graphdef)
+        self._graphdef = Static(graphdef)
         dp = int(np.prod([self.mesh.shape[ax] for ax in sharding.RULES["batch"]]))
         self._rows = round_up(self.batch_size, dp)  # every scoring batch has this many rows
         bos = config_bos_id(d / "tokenizer", self.tok)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -15,6 +16,26 @@ from tqdm import tqdm
 log = logging.getLogger("jaxft")
 
 
+PLAIN_LINES = 20  # without a terminal, about this many progress lines per run
+
+
+class PlainProgress:
+    """The progress bar for a stderr that is not a terminal (CI, `| tee`, a log file): one
+    plain line every `every` steps and at the last step, never carriage-return frames."""
+
+    def __init__(self, total: int, start: int, every: int = 0, file=None):
+        self.total, self.start, self.file = total, start, file
+        self.every = every or max(1, (total - start) // PLAIN_LINES)
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, tok_s: float) -> None:
+        if (step - self.start) % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        print(f"train: step {step}/{self.total} loss {loss:.4f} tok/s {tok_s:,.0f} "
+              f"elapsed {elapsed:.0f}s", file=self.file or sys.stderr, flush=True)
+
+
 class Report:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool = True,
                  tensorboard: bool = False):
@@ -22,10 +43,13 @@ class Report:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.bar = None
+        self.plain = None
         self.tb = None
         if not self.active:
             return
-        if progress:
+        if progress and not sys.stderr.isatty():
+            self.plain = PlainProgress(total_steps, start_step)
+        elif progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             file=sys.stderr, dynamic_ncols=True)
         if tensorboard:
@@ -51,6 +75,8 @@ class Report:
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
 
     def progress(self, step: int, loss: float, tok_s: float) -> None:
+        if self.plain is not None:
+            self.plain.update(step, loss, tok_s)
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)

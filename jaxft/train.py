@@ -228,11 +228,13 @@ class Run:
         elif "val_loss" in rec:
             self.since_best += 1
 
-    def train_step(self, batch: dict, seconds: float) -> float:
-        """Runs one optimizer step on this process's `batch` and logs it; returns the loss."""
+    def train_step(self, batch: dict, since: float) -> float:
+        """Runs one optimizer step on this process's `batch` and logs it (speed measured from
+        `since`, the end of the previous step); returns the loss."""
         self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state,
                                                       to_global(batch, self.mesh))
-        loss = self.last_loss = float(m["loss"])
+        loss = self.last_loss = float(m["loss"])  # waits for the step
+        seconds = time.perf_counter() - since
         self.step += 1
         if not math.isfinite(loss):
             return loss
@@ -335,7 +337,7 @@ def train_loop(r: Run, stop: threading.Event) -> str:
     t_start = t_last = time.perf_counter()
     while r.step < t.steps:
         batch = next(it)
-        loss = r.train_step(batch, time.perf_counter() - t_last)
+        loss = r.train_step(batch, t_last)
         t_last = time.perf_counter()
         if not math.isfinite(loss):
             return "nan"
