@@ -97,9 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--minutes", type=float, default=0.0,
                    help="optional fine-tuning time limit (0: none; the step count bounds it)")
-    p.add_argument("--steps", type=int, default=60,
-                   help="training steps, the whole learning-rate schedule (7-10 minutes on "
-                        "2 cores at 7-10 s a step)")
+    p.add_argument("--steps", type=int, default=75,
+                   help="training steps, the whole learning-rate schedule (8.6 min on 2 cores "
+                        "at 6.6 s a step; 40 steps gave 22 %%, 60 gave 38 %%, 75 gave 50 %%)")
     p.add_argument("--n", type=int, default=50, help="validation examples scored")
     p.add_argument("--shots", type=int, default=3, help="examples shown to the base model")
     args = p.parse_args(argv)
