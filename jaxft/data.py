@@ -51,6 +51,7 @@ from jaxft.tokenizer import load_tokenizer, train_sentencepiece
 LONGEST_MULTIPLE = 16  # `longest` rows are padded to a multiple of this many tokens
 PACKING_BINS = 64  # first-fit bins open at once; more bins fill rows more tightly
 FINGERPRINT_BYTES = 1 << 20  # read from each end of a data file for its fingerprint
+SPLITS = ("train", "valid", "test")  # test: ch07's 10 % for alpaca/instruct
 HOLDOUT_FRACTION = 0.05  # share of train held out as validation when valid_file is ""
 SAMPLE = 256  # records of a shard encoded before training to find "no examples left"
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -101,29 +102,30 @@ class Split:
 
 
 def _holdout(n: int, d: DataConfig, split: str) -> np.ndarray:
-    """Indices of a split made out of the train file, by index: the 85/5/10 split for
-    alpaca/instruct, a seeded HOLDOUT_FRACTION for other tasks."""
+    """Indices of a split made out of the train file, by index: the 85/5/10 train/valid/test
+    split for alpaca/instruct, a seeded HOLDOUT_FRACTION for other tasks (whose "test" is
+    their valid split: they hold out one set)."""
     if d.task in ("alpaca", "instruct"):
-        train, valid, _ = split_alpaca(range(n), d.seed)
-        return np.asarray(train if split == "train" else valid, np.int64)
+        train, valid, test = split_alpaca(range(n), d.seed)
+        return np.asarray({"train": train, "valid": valid, "test": test}[split], np.int64)
     order = list(range(n))
     random.Random(d.seed).shuffle(order)
     held = np.zeros(n, bool)
     held[order[:max(1, int(n * HOLDOUT_FRACTION))]] = True
-    return np.flatnonzero(held if split == "valid" else ~held).astype(np.int64)
+    return np.flatnonzero(~held if split == "train" else held).astype(np.int64)
 
 
 def open_split(cfg: Config, split: str) -> Split:
-    """The train or valid split of cfg.data, lazily: no record is read or tokenised here.
+    """The train, valid or test split of cfg.data, lazily: no record is read or tokenised here.
 
     With valid_file "" the validation records come out of the train file (see _holdout); the
     split is made over the file's records by index, skipped records included, so it never
     needs to read them. data.limit keeps the first N training records.
     """
-    if split not in ("train", "valid"):
-        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     d = cfg.data
-    name = d.valid_file if split == "valid" and d.valid_file else d.train_file
+    name = d.valid_file if split != "train" and d.valid_file else d.train_file
     source = RecordSource(d.task, data_path(cfg, name), d.fields, d.chat_format)
     indices = (_holdout(len(source), d, split) if not d.valid_file
                else np.arange(len(source), dtype=np.int64))

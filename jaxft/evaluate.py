@@ -145,6 +145,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--task", required=True, choices=sorted(DEFAULT_FILES))
     p.add_argument("--data", default="", help="records to evaluate (default: the task's "
                    "validation file or split under the data root)")
+    p.add_argument("--split", default="valid", choices=("valid", "test"),
+                   help="with no --data: which held-out split (test: ch07's 10 %% for instruct; "
+                   "tasks with one held-out set give it for both)")
     p.add_argument("--limit", type=at_least(0), default=0, help="first N records only (0: all)")
     p.add_argument("--shots", type=at_least(0), default=0, help="few-shot training examples per prompt")
     p.add_argument("--out", default="", help="directory for predictions.jsonl and metrics.json")
@@ -164,7 +167,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main)
 
 
-def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0):
+def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0,
+                      split: str = "valid"):
     """(records to evaluate, training records for shots), with the validation split the
     trainer uses when the task has no validation file."""
     train_file, valid_file = DEFAULT_FILES[task]
@@ -174,7 +178,7 @@ def load_eval_records(task: str, data: str = "", shots: int = 0, seed: int = 0):
         data = str(Path(data).expanduser().resolve())
     cfg = load_config(None, [f"data.task={task}", f"data.train_file={train_file}",
                              f"data.valid_file={data or valid_file}", f"data.seed={seed}"])
-    records = jdata.load_split(cfg, "valid")[0]
+    records = jdata.load_split(cfg, split)[0]
     shot_records = jdata.load_split(cfg, "train")[0][:shots] if shots else None
     return records, shot_records
 
@@ -185,7 +189,8 @@ def main(args) -> int:
         check_output(args.out, args.force)
     loaded = load(args.ckpt, need_tokenizer=True)
     template = get_template(args.template, args.include_instruction, loaded.tokenizer)
-    records, shot_records = load_eval_records(args.task, args.data, args.shots)
+    records, shot_records = load_eval_records(args.task, args.data, args.shots,
+                                              split=args.split)
     judge = from_config(EvalConfig(judge_url=args.judge_url, judge_model=args.judge_model,
                                    judge_timeout_s=args.judge_timeout))
     metrics = run_eval(loaded.model, loaded.tokenizer, template, args.task, records,

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from jaxft.config import Config, ConfigError, DataConfig
+from jaxft.config import Config, ConfigError, DataConfig, load_config
 from jaxft.data import (FIELDS, LONGEST_MULTIPLE, build_tokenizer, encode_records, load_split,
                         make_loader)
 from jaxft.tasks import DataError, read_records
@@ -249,8 +249,20 @@ def test_load_split(data_root):
     assert not lines(t1) & lines(v1) and lines(t1) == lines(t2)
     full, _ = load_split(cfg_for(data_root), "train")
     assert lines(t1) | lines(v1) == lines(full)
-    with pytest.raises(ValueError, match="split"):
-        load_split(cfg, "test")
+    assert lines(load_split(held, "test")[0]) == lines(v1)  # one held-out set: test is valid
+    with pytest.raises(ValueError, match="train, valid, test"):
+        load_split(cfg, "eval")
+
+
+def test_ch07_split_is_85_5_10_and_disjoint(data_root):
+    """The instruct task's test split (what ch07 scores) is its own 10 %, apart from both."""
+    cfg = load_config(None, ["data.task=instruct", "data.train_file=instruct-ch07/instruction-data.json",
+                             "data.valid_file=", f"data.root={data_root}"])
+    parts = {s: {r["line"] for r in load_split(cfg, s)[0]} for s in ("train", "valid", "test")}
+    n = sum(map(len, parts.values()))
+    assert len(parts["test"]) == int(n * 0.1) and len(parts["train"]) == int(n * 0.85)
+    assert not (parts["train"] & parts["test"] or parts["valid"] & parts["test"]
+                or parts["train"] & parts["valid"])
 
 
 def test_build_tokenizer(data_root, records, template, tmp_path, tok):
