@@ -52,16 +52,20 @@ def _decode(obj):
 
 
 def _this_process(data: dict, step: int):
-    """This process's saved data state. A run resumed on a different number of processes
-    reads the data in other shards, so it takes process 0's position (how far the run got)."""
+    """This process's saved data state. Virtual-shard states ({"shards": {...}}) are merged
+    over every process, so a resume on another process count finds each shard it now serves
+    where it stopped; an older per-process state falls back to process 0's position."""
     if not (isinstance(data, dict) and "per_process" in data):
         return data  # a checkpoint written before per-process states were kept
     states, i, n = data["per_process"], jax.process_index(), jax.process_count()
+    sharded = all(isinstance(s, dict) and "shards" in s for s in states)
     if len(states) != n:
-        log.warning("checkpoint step %d was written by %d processes and is resumed by %d: each "
-                    "process continues from process 0's data position", step, len(states), n)
-        return states[0]
-    return states[i]
+        log.warning("checkpoint step %d was written by %d processes and is resumed by %d: %s",
+                    step, len(states), n, "every virtual shard continues where it stopped"
+                    if sharded else "each process continues from process 0's data position")
+    if sharded:
+        return {"shards": {k: v for s in states for k, v in s["shards"].items()}}
+    return states[0] if len(states) != n else states[i]
 
 
 def _digests(step_dir: Path) -> dict[str, str]:

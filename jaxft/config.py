@@ -71,7 +71,8 @@ class DataConfig:
     limit: int = 0  # keep only the first N training examples (0: all)
     tokenizer: str = ""  # dir with tokenizer.model/tokenizer.json; "" means the checkpoint's, or train one
     train_tokenizer_vocab: int = 0  # >0: train a SentencePiece model of this size from the training text
-    worker_count: int = 0  # Grain worker processes (0: in-process)
+    worker_count: int = 0  # Grain worker processes per virtual shard (0: in-process)
+    shards: int = 0  # virtual shards, each packed on its own; 0: one per batch row. It must divide batch_size and be divisible by the process count
 
 
 @dataclass
@@ -275,7 +276,7 @@ def resolve(raw: dict) -> Config:
 MINIMUM = {"model.vocab_size": 1, "model.dim": 1, "model.n_layers": 1, "model.n_heads": 1,
            "model.n_kv_heads": 1, "model.head_dim": 0, "model.ffn_dim": 1, "model.max_seq_len": 1,
            "model.vocab_multiple": 1, "data.max_length": 2, "data.batch_size": 1, "data.limit": 0,
-           "data.train_tokenizer_vocab": 0, "data.worker_count": 0, "optim.warmup_steps": 0,
+           "data.train_tokenizer_vocab": 0, "data.worker_count": 0, "data.shards": 0, "optim.warmup_steps": 0,
            "optim.weight_decay": 0.0, "optim.clip_norm": 0.0, "optim.grad_accum": 1,
            "train.steps": 1, "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 0,
            "train.patience": 0, "train.ckpt_every": 0, "train.keep": 1, "train.time_limit_s": 0.0,
@@ -314,6 +315,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dim={m.dim} must be a multiple of n_heads={m.n_heads} "
                           "(or set model.head_dim)")
     check_batch_split(d.batch_size, grad_accum=cfg.optim.grad_accum)
+    if d.shards and d.batch_size % d.shards:
+        raise ConfigError(f"data.shards={d.shards} must divide data.batch_size={d.batch_size} "
+                          "(each virtual shard serves batch_size / shards rows of every batch)")
     for dt in ("param_dtype", "dtype"):
         _choice(f"model.{dt}", getattr(m, dt), ("float32", "bfloat16", "float16"))
 

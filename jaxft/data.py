@@ -3,15 +3,19 @@ mask -> pack | pad -> batch.
 
 Nothing is tokenised up front. A training split is a list of record indices into a source
 (jaxft/source.py: JSONL through a cached line-offset index, CSV / JSON / Parquet parsed to rows).
-Each process takes every process_count-th index, Grain shuffles those (a new order each epoch),
-and the Grain `map` reads, templates and tokenises a record only when the pipeline reaches it,
-so a host's memory and startup follow its shard, not the dataset. With data.worker_count > 0
-that map runs in Grain worker processes; packing and batching stay in the trainer's process, so
-the batches are the same with and without workers. Dropped examples (over-long with
-overlong=drop, or no target left) are encoded as markers and filtered out after the map, which
-keeps worker output in order. Before training, the first records of the shard are encoded so
-a config that leaves no examples fails in seconds. Validation is small: it is encoded once, in
-order. One batch is a dict of int32 numpy arrays of shape [local_batch, L]:
+The split is cut into V virtual shards (data.shards, default one per batch row): record i
+belongs to shard i % V. Each shard is its own Grain stream: shuffled with its own seed (a new
+order each epoch), read, templated and tokenised in the Grain `map` only when the stream
+reaches a record, then packed on its own; row block r of every global batch comes from shard
+r. A process serves a contiguous block of shards, so it reads only those records (memory and
+startup follow its shard, not the dataset), and the global batches are the same on 1, 2, ...
+processes, as long as the count divides V; a checkpoint resumes on any such count. With
+data.worker_count > 0 each shard's map runs in Grain worker processes; packing and batching
+stay in the trainer's process, so the batches are the same with and without workers. Dropped
+examples (over-long with overlong=drop, or no target left) are encoded as markers and
+filtered out after the map, which keeps worker output in order. Before training, the first
+records of the process's shards are encoded so a config that leaves no examples fails in
+seconds. Validation is small: it is encoded once, in order. One batch is a dict of int32 numpy arrays of shape [local_batch, L]:
 
     inputs       ids[:-1]            BOS  a   b   c   d        0 ...
     targets      ids[1:]             a    b   c   d   EOS      0 ...
@@ -296,35 +300,87 @@ def _workers_ready() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _pipeline(encoded: grain.MapDataset, d: DataConfig, local_batch: int, *, train: bool,
-              epochs: int | None = None, full_rows: bool = True,
-              workers: int = 0) -> grain.IterDataset:
-    """This process's batches from its (lazily) encoded shard. train: shuffled, `epochs`
-    passes (None: forever), partial batches dropped; eval: in order, one pass, the last batch
-    padded with empty rows when `full_rows`. `workers` processes run the encoding map; the
-    filter, pack and batch after them see the same sequence as without workers."""
+def _rows(encoded: grain.MapDataset, d: DataConfig, *, train: bool, seed: int = 0,
+          epochs: int | None = None, workers: int = 0, bins: int = PACKING_BINS) -> grain.IterDataset:
+    """One stream of rows from (lazily) encoded examples. train: shuffled with `seed`, `epochs`
+    passes (None: forever), a new order each epoch; eval: in order, one pass. `workers`
+    processes run the encoding map; the filter and packing after them see the same sequence
+    as without workers. Packed rows are full length; other rows are padded by _batch_fn."""
     ds = encoded
     if train:
-        ds = ds.shuffle(seed=d.seed).repeat(epochs)  # repeat reshuffles every epoch
+        ds = ds.shuffle(seed=seed).repeat(epochs)  # repeat reshuffles every epoch
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if workers > 0:
         _workers_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     it = it.filter(_kept).map(_shift)
-    L = d.max_length
     if d.padding == "pack":
+        L = d.max_length
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct={"inputs": L, "targets": L, "loss_mask": L},
-            num_packing_bins=max(PACKING_BINS, local_batch), seed=d.seed, shuffle_bins=train,
+            num_packing_bins=bins, seed=seed, shuffle_bins=train,
             meta_features=("targets", "loss_mask")).map(_from_packed)
+    return it
 
-    def batch_fn(rows):
-        n_rows = local_batch if full_rows else len(rows)
+
+def _batch_fn(d: DataConfig, n_rows: int | None):
+    """rows -> one batch of n_rows rows (None: as many as given), padded as d.padding says."""
+    L = d.max_length
+
+    def batch(rows):
+        n = n_rows or len(rows)
         if d.padding == "pack":
-            return _stack_packed(rows, n_rows, L)
-        return _pad_rows(rows, n_rows, L if d.padding == "max_length" else None, L)
+            return _stack_packed(rows, n, L)
+        return _pad_rows(rows, n, L if d.padding == "max_length" else None, L)
+    return batch
 
-    return it.batch(local_batch, drop_remainder=train and epochs is None, batch_fn=batch_fn)
+
+def shard_layout(d: DataConfig, process_index: int, process_count: int) -> tuple[int, range]:
+    """(V, the virtual shards this process serves). Record i of the training split belongs to
+    shard i % V, and every shard is shuffled and packed on its own; rows r*V/B .. of each
+    global batch come from shard r, so the global batches are the same on any process count
+    that divides V, and a checkpoint resumes on any such count."""
+    V = d.shards or d.batch_size
+    if d.batch_size % V or V % process_count:
+        raise ConfigError(f"data.shards={V} must divide data.batch_size={d.batch_size} and be "
+                          f"divisible by the {process_count} processes")
+    per = V // process_count
+    return V, range(process_index * per, (process_index + 1) * per)
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """Shard `shard`'s shuffle and packing seed: its own order, whatever the process count."""
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+
+class ShardedBatches:
+    """This process's training batches: `rows` rows from each of its shards' streams in turn.
+    Its state is every shard's Grain iterator state keyed by shard number, so a resume on
+    another process count can hand each process the shards it now serves."""
+
+    def __init__(self, streams: dict[int, grain.IterDataset], rows: int, batch_fn):
+        self.iters = {v: iter(ds) for v, ds in streams.items()}
+        self.rows, self.batch_fn = rows, batch_fn
+
+    def __iter__(self) -> "ShardedBatches":
+        return self
+
+    def __next__(self) -> dict:
+        # StopIteration from a finished shard (epochs=1) ends the batches
+        return self.batch_fn([next(it) for it in self.iters.values() for _ in range(self.rows)])
+
+    def get_state(self) -> dict:
+        return {"shards": {str(v): it.get_state() for v, it in self.iters.items()}}
+
+    def set_state(self, state: dict) -> None:
+        shards = state.get("shards", {}) if isinstance(state, dict) else {}
+        missing = [v for v in self.iters if str(v) not in shards]
+        if missing:
+            raise DataError(f"the data state has no position for virtual shards {missing} (it "
+                            f"holds {sorted(shards, key=int)}): was data.shards or data.batch_size "
+                            "changed since the checkpoint?")
+        for v, it in self.iters.items():
+            it.set_state(shards[str(v)])
 
 
 def _file_fingerprint(path: Path) -> dict:
@@ -414,25 +470,25 @@ def padding_ratio(batches) -> float:
 
 def _train_loader(encoder: Encoder, n: int, d: DataConfig, local_batch: int, p: int, P: int,
                   skipped_empty: int) -> Loader:
-    """Process p's endless training loader; it reads records p, p + P, ... of the split."""
-    sample = check_sample(encoder, range(p, n, P), d)
+    """Process p's endless training loader: its virtual shards (shard_layout), each reading
+    records v, v + V, ... of the split."""
+    V, mine = shard_layout(d, p, P)
+    rows = d.batch_size // V
+    sample = check_sample(encoder, (i for i in range(n) if i % V in mine), d)
 
-    def dataset(q=p, **kw):
-        encoded = grain.MapDataset.range(q, n, P).map(encoder)
-        return _pipeline(encoded, d, local_batch, train=True, workers=d.worker_count, **kw)
+    def dataset(epochs=None, workers=d.worker_count):
+        streams = {v: _rows(grain.MapDataset.range(v, n, V).map(encoder), d, train=True,
+                            seed=shard_seed(d.seed, v), epochs=epochs, workers=workers,
+                            bins=max(PACKING_BINS, rows)) for v in mine}
+        return ShardedBatches(streams, rows, _batch_fn(d, local_batch))
 
     def stats_fn():
-        # One in-order pass over every shard, counts summed; the padding ratio is measured on
-        # this process's first epoch, from the same encoded examples.
-        stats, mine = DataStats(skipped_empty=skipped_empty), None
-        for q in range(P):
-            shard = [encoder(i) for i in range(q, n, P)]
-            for ex in shard:
-                stats.count(ex)
-            mine = shard if q == p else mine
-        epoch = _pipeline(grain.MapDataset.source(mine), d, local_batch, train=True, epochs=1,
-                          full_rows=False)
-        return dataclasses.replace(stats, padding_ratio=padding_ratio(epoch))
+        # One in-order pass over every record, counts summed; the padding ratio is measured
+        # on this process's batches until its first shard ends an epoch.
+        stats = DataStats(skipped_empty=skipped_empty)
+        for i in range(n):
+            stats.count(encoder(i))
+        return dataclasses.replace(stats, padding_ratio=padding_ratio(dataset(1, workers=0)))
     return Loader(dataset, stats_fn, train=True, num_batches=None, empty_batch=None,
                   counts=sample)
 
@@ -452,8 +508,10 @@ def _eval_loader(encoder: Encoder, n: int, d: DataConfig, local_batch: int, p: i
     if len(kept) < P:
         raise DataError(f"{len(kept)} validation examples cannot feed {P} processes")
 
-    def dataset(q=p, **kw):
-        return _pipeline(grain.MapDataset.source(kept)[q::P], d, local_batch, train=False, **kw)
+    def dataset(q=p, full_rows=True):
+        rows = _rows(grain.MapDataset.source(kept)[q::P], d, train=False,
+                     bins=max(PACKING_BINS, local_batch))
+        return rows.batch(local_batch, batch_fn=_batch_fn(d, local_batch if full_rows else None))
 
     def stats_fn():
         return dataclasses.replace(stats, padding_ratio=padding_ratio(dataset(full_rows=False)))
@@ -474,8 +532,9 @@ def make_loader(cfg: Config, tokenizer, records, *, train: bool,
                 skipped_empty: int = 0) -> Loader:
     """This process's Loader over `records`: a Split (lazy) or any list of records.
 
-    process_index/process_count default to jax.process_index()/process_count(); each
-    process reads and encodes only every process_count-th record, starting at its index.
+    process_index/process_count default to jax.process_index()/process_count(). Training: a
+    process reads and encodes only the records of its virtual shards (shard_layout);
+    validation is encoded whole and its kept examples split every process_count-th.
     `skipped_empty` adds records a reader skipped before `records` to the counts.
     """
     d = cfg.data

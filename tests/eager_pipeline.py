@@ -1,6 +1,8 @@
-"""Today's (pre-issue-18) eager pipeline, frozen for comparison: it reads every record,
-tokenises all of them up front, then shards the in-memory list. Tests check that the lazy
-pipeline in jaxft/data.py gives the same batches; bench/data_scale.py times both."""
+"""The eager pipeline the lazy one replaced, kept for comparison: it reads every record and
+tokenises all of them up front, then shards the in-memory list. Its training batches use the
+virtual-shard layout of jaxft/data.py over the pre-encoded records, so tests can check that
+the lazy pipeline reads and encodes exactly what the eager one holds; bench/data_scale.py
+times both."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +15,9 @@ import numpy as np
 from jaxft import tasks
 from jaxft.config import Config, DataConfig, check_batch_split, data_path
 from jaxft.chat import get_template
-from jaxft.data import (FIELDS, HOLDOUT_FRACTION, LONGEST_MULTIPLE, PACKING_BINS, DataStats, Loader, _from_packed,
-                        _pad_rows, _shift, _stack_packed, padding_ratio)
+from jaxft.data import (FIELDS, HOLDOUT_FRACTION, LONGEST_MULTIPLE, PACKING_BINS, DataStats, Loader,
+                        ShardedBatches, _batch_fn, _from_packed, _pad_rows, _rows, _shift,
+                        _stack_packed, encode_one, padding_ratio, shard_layout, shard_seed)
 from jaxft.errors import DataError
 from jaxft.tasks.instruct import split_alpaca
 from jaxft.templates import tokenize_example
@@ -116,12 +119,24 @@ def make_eager_loader(cfg: Config, tokenizer, records: list[dict], *, train: boo
     if len(examples) < process_count:
         raise DataError(f"{len(examples)} examples cannot feed {process_count} processes")
 
-    def dataset(p=process_index, **kw):
-        return _dataset(examples, d, local_batch, train=train, process_index=p,
-                        process_count=process_count, **kw)
+    if train:  # every record encoded now; the virtual shards hold the encoded examples
+        every = [encode_one(tokenizer, template, r, d) for r in records]
+        V, mine = shard_layout(d, process_index, process_count)
+        rows = d.batch_size // V
+
+        def dataset(epochs=None):
+            streams = {v: _rows(grain.MapDataset.source(every)[v::V], d, train=True,
+                                seed=shard_seed(d.seed, v), epochs=epochs,
+                                workers=d.worker_count if epochs is None else 0,
+                                bins=max(PACKING_BINS, rows)) for v in mine}
+            return ShardedBatches(streams, rows, _batch_fn(d, local_batch))
+    else:
+        def dataset(p=process_index, **kw):
+            return _dataset(examples, d, local_batch, train=False, process_index=p,
+                            process_count=process_count, **kw)
 
     def stats_fn():
-        one_epoch = dataset(epochs=1, full_rows=False) if train else dataset(full_rows=False)
+        one_epoch = dataset(epochs=1) if train else dataset(full_rows=False)
         return dataclasses.replace(stats, padding_ratio=padding_ratio(one_epoch))
 
     num_batches = empty = None

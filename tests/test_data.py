@@ -197,13 +197,15 @@ def test_process_shards_are_disjoint_and_cover(data_root, records, tok, template
     assert not set(seen[0]) & set(seen[1])
     want = Counter(key(e["ids"][:-1]) for e in encoded(tok, template, records[:N]))
     assert seen[0] + seen[1] == want
-    # Train shards: one epoch of each process draws only from its own half.
-    train_seen = []
+    # Train: 4 virtual shards (one per row), record i in shard i % 4; process p serves
+    # shards 2p and 2p + 1 and draws only from their records.
+    everything = encoded(tok, template, records[:N])
+    assert len(everything) == N  # nothing dropped, so example i is record i
     for p in (0, 1):
         it = iter(make_loader(cfg, tok, records[:N], train=True, process_index=p,
                               process_count=2))
-        train_seen.append({key(s[0]) for s in segments(take(it, 4))})
-    assert train_seen[0] <= set(seen[0]) and train_seen[1] <= set(seen[1])
+        own = {key(e["ids"][:-1]) for i, e in enumerate(everything) if (i % 4) // 2 == p}
+        assert {key(s[0]) for s in segments(take(it, 4))} <= own
 
 
 def test_truncate_and_drop_counts(data_root, records, tok, template):

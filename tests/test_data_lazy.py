@@ -151,20 +151,18 @@ def test_lazy_equals_eager_on_the_recipes(data_root, tok_dir, name, sets):
                  list(make_eager_loader(cfg, tok, want, train=False, **ONE)))
 
 
-def test_dropped_examples_change_only_the_order(data_root, tok_dir):
-    """Stated change: with overlong=drop the lazy shuffle runs over every record and skips
-    the dropped ones where they fall, so the order differs from the eager shuffle of the
-    kept ones; an epoch holds the same examples and the counts are the same."""
+def test_dropped_examples_keep_their_place(data_root, tok_dir):
+    """With overlong=drop, the shards' shuffles run over every record and skip the dropped ones
+    where they fall, lazily and eagerly alike: the same batches and counts."""
     cfg = recipe("tiny-viggo", data_root, tok_dir, "data.limit=60", "data.max_length=150",
-                 "data.overlong=drop", "data.padding=longest", "data.batch_size=1")
+                 "data.overlong=drop", "data.padding=longest", "data.batch_size=2")
     tok = build_tokenizer(cfg)
     records, _ = eager_load_split(cfg, "train")
     new = make_loader(cfg, tok, open_split(cfg, "train"), train=True, **ONE)
     old = make_eager_loader(cfg, tok, records, train=True, **ONE)
     kept = old.stats.examples
     assert 0 < kept < 60 and new.stats == old.stats
-    epoch = [Counter(tuple(s[0]) for s in segments(take(iter(x), kept))) for x in (new, old)]
-    assert epoch[0] == epoch[1]
+    same_batches(take(iter(new), kept), take(iter(old), kept))
 
 
 def test_each_process_reads_only_its_shard(data_root, tok_dir):
@@ -190,9 +188,10 @@ def test_each_process_reads_only_its_shard(data_root, tok_dir):
         loader = make_loader(cfg, tok, src, train=True, process_index=p, process_count=2)
         # the bounded check reads the first records of its own shard only (its counts are
         # the trainer's first data line)
-        assert src.read == list(range(p, 50, 2))[:SAMPLE]
+        own = [i for i in range(50) if (i % 4) // 2 == p]  # shards 2p, 2p + 1 of 4
+        assert src.read == own[:SAMPLE]
         take(iter(loader), 8)  # 8 x 2 rows of packed viggo: more than the shard's 25
-        assert set(src.read) == set(range(p, 50, 2))
+        assert set(src.read) == set(own)
         reads.append(Counter(src.read))
     assert not set(reads[0]) & set(reads[1])
     counts = reads[0].values()  # once an epoch, + 1 for the checked ones and a partial epoch
@@ -234,3 +233,35 @@ def test_holdout_split_is_by_index_and_reads_nothing(tmp_path, data_root, tok_di
     assert len(valid) == int(n * 0.05) and len(train) + len(valid) == n
     assert not set(train.indices) & set(valid.indices)
     assert np.array_equal(open_split(cfg, "train").indices, train.indices)
+
+
+def test_virtual_shards_same_global_batch_on_any_process_count(data_root, tok_dir):
+    """The rows of a global batch do not depend on how many processes serve them: 4 processes'
+    local batches, stacked, are the one process's batches, step after step; a state saved by
+    one process restores shard by shard in another layout, and bad layouts are clear errors."""
+    from jaxft.errors import ConfigError
+    from jaxft.data import shard_layout
+    cfg = recipe("tiny-viggo", data_root, tok_dir, "data.limit=120", "data.max_length=96")
+    tok = build_tokenizer(cfg)
+    split = open_split(cfg, "train")
+    one = make_loader(cfg, tok, split, train=True, **ONE)
+    four = [make_loader(cfg, tok, split, train=True, process_index=p, process_count=4)
+            for p in range(4)]
+    whole = take(iter(one), 5)
+    parts = [take(iter(x), 5) for x in four]
+    stacked = [{k: np.concatenate([p[i][k] for p in parts]) for k in FIELDS} for i in range(5)]
+    same_batches(stacked, whole)
+    state = one.get_state()
+    fresh = [make_loader(cfg, tok, split, train=True, process_index=p, process_count=2)
+             for p in range(2)]
+    for x in fresh:
+        x.set_state(state)  # the trainer merges the per-process states into this one dict
+    after = [take(iter(x), 3) for x in fresh]
+    same_batches([{k: np.concatenate([a[i][k] for a in after]) for k in FIELDS} for i in range(3)],
+                 take(iter(one), 3))
+    with pytest.raises(DataError, match=r"no position for virtual shards \[0, 1, 2, 3\]"):
+        fresh[0].set_state({"shards": {"4": None}})
+    with pytest.raises(ConfigError, match="data.shards=8 must divide .* divisible by the 3 processes"):
+        shard_layout(cfg.data, 0, 3)
+    with pytest.raises(ConfigError, match="data.shards=3 must divide data.batch_size=8"):
+        recipe("tiny-viggo", data_root, tok_dir, "data.shards=3")

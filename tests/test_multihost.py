@@ -1,10 +1,11 @@
 """Multi-process training on one machine: two `jaxft train` processes with 4 CPU devices each,
 joined by jax.distributed (gloo collectives over TCP), against one process with 8 devices.
 
-The data slice is exactly one global batch (8 examples, batch 8, no packing), so every step
-sees the same examples whether one process reads them all or two read half each: the runs
-must then agree step for step. The schedule is constant so a 2-step run is a prefix of a
-4-step one, which lets a 1-process run resume a 2-process checkpoint and meet the reference.
+The data is packed tiny-viggo (200 records, batch 8): its 8 virtual shards (one per batch
+row) are packed on their own, and each process serves 4 of them, so every global batch holds
+the same rows whether one process reads them all or two read half each: the runs must then
+agree step for step. The schedule is constant so a 2-step run is a prefix of a 4-step one,
+which lets a 1-process run resume a 2-process checkpoint and meet the reference.
 """
 import json
 import os
@@ -35,8 +36,8 @@ KILL_BOUND_S = 120  # generous: the survivor is expected to stop ~2 heartbeats a
 HEARTBEAT_S = 5
 
 
-def sets(tok_dir, steps):
-    return ["data.limit=8", "data.padding=max_length", f"data.tokenizer={tok_dir}",
+def sets(tok_dir, steps, padding="pack", limit=200):
+    return [f"data.limit={limit}", f"data.padding={padding}", f"data.tokenizer={tok_dir}",
             "data.train_tokenizer_vocab=0", f"train.steps={steps}", "train.ckpt_every=2",
             "train.eval_every=0", "optim.warmup_steps=0", "optim.decay=constant",
             "train.progress=false"]
@@ -165,12 +166,14 @@ def test_only_process_0_reports(runs):
 
 
 def test_checkpoint_keeps_every_process_data_position(runs):
-    """Each process reads its own shard, so each one's iterator state is saved."""
+    """Each process saves the positions of the virtual shards it serves; together they are the
+    one process's, so any process count that divides the shards can pick up its own."""
     def states(run):
         return json.loads((Path(run) / "ckpt" / "2" / "data" / "metadata").read_text())["per_process"]
     mp, ref = states(runs["mp"]), states(runs["ref"])
-    assert len(mp) == 2 and len(ref) == 1
-    assert all(set(s) == set(ref[0]) and s for s in mp)  # the same iterator's state, once per process
+    assert [sorted(s["shards"], key=int) for s in mp] == [["0", "1", "2", "3"], ["4", "5", "6", "7"]]
+    assert sorted(ref[0]["shards"], key=int) == [str(v) for v in range(8)]
+    assert {**mp[0]["shards"], **mp[1]["shards"]} == ref[0]["shards"]  # the same positions
 
 
 def test_one_process_resumes_a_two_process_checkpoint(runs):
@@ -240,7 +243,8 @@ def test_launch_errors_name_the_problem(kw, env, msg):
 def test_shards_are_disjoint_and_cover_the_batch(data_root, tok_dir):
     """What each process feeds: its own half of the examples, together one global batch."""
     from jaxft import config as config_lib, data
-    cfg = config_lib.load_config(CONFIG, [f"data.root={data_root}", *sets(tok_dir, 1)])
+    cfg = config_lib.load_config(CONFIG, [f"data.root={data_root}",
+                                          *sets(tok_dir, 1, padding="max_length", limit=8)])
     tok = data.build_tokenizer(cfg)
     records, _ = data.load_split(cfg, "train")
     whole = next(iter(data.make_loader(cfg, tok, records, train=True, process_count=1,
@@ -258,8 +262,7 @@ def test_padding_longest_agrees_on_one_width_across_processes(tmp_path, data_roo
     width, so the processes agree on the widest before building it. 2 processes must then train
     exactly as 1 does."""
     from jaxft import config as config_lib, data
-    longest = [s.replace("data.padding=max_length", "data.padding=longest")
-               for s in sets(tok_dir, 2)] + ["data.max_length=1024"]
+    longest = sets(tok_dir, 2, padding="longest", limit=8) + ["data.max_length=1024"]
     cfg = config_lib.load_config(CONFIG, [f"data.root={data_root}", *longest])
     tok = data.build_tokenizer(cfg)
     records, _ = data.load_split(cfg, "train")
