@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from jaxft import data
+from jaxft import batches, data
 from jaxft.config import Config, DataConfig, data_path
 from jaxft.tasks import read_records
 from jaxft.templates import get_template
@@ -142,7 +142,7 @@ def main() -> None:
     rates, pack_batches = {}, []
     for mode in MODES:
         mcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, padding=mode))
-        loader = data.make_loader(mcfg, tok, records, train=True, process_index=0,
+        loader = batches.make_loader(mcfg, tok, records, train=True, process_index=0,
                                   process_count=1)
         ratio = loader.stats.padding_ratio
         rate, n, dt = time_loader(loader, args.batches)

@@ -64,7 +64,7 @@ def make_tokenizer(out: Path) -> Path:
 def child(spec: dict) -> dict:
     """One loader in this process: time to first batch, steady speed, RSS, share read."""
     from eager_pipeline import make_eager_loader
-    from jaxft import data
+    from jaxft import batches, data
     from jaxft.config import load_config
     from jaxft.tasks import read_records
     cfg = load_config(None, ["data.task=gsm8k", f"data.train_file={spec['file']}",
@@ -90,7 +90,7 @@ def child(spec: dict) -> dict:
             def __getitem__(self, i):
                 read.add(i)
                 return split[i]
-        loader = data.make_loader(cfg, tok, Counted() if spec["workers"] == 0 else split,
+        loader = batches.make_loader(cfg, tok, Counted() if spec["workers"] == 0 else split,
                                   train=True, process_index=0, process_count=spec["procs"])
     it = iter(loader)
     next(it)

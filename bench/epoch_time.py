@@ -6,7 +6,7 @@ Every way trains the same small Llama (random init) on the same examples: the sp
 template, SentencePiece tokens (trained here on the training text), prompt masked, padding
 never in the loss, AdamW, batch 8, clip 1. The ways of batching:
 
-    jaxft pack        jaxft.data.make_loader(padding=pack): 8 rows of max_length, first-fit
+    jaxft pack        jaxft.make_loader(padding=pack): 8 rows of max_length, first-fit
     torch longest     LLMs-from-scratch ch07 collate: each batch padded to its longest example
     torch 512         the Ray Llama-2 recipe: every example padded to 512 tokens
 
@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from jaxft import data
+from jaxft.batches import make_loader
 from jaxft.config import Config, DataConfig, ModelConfig, OptimConfig, data_path
 from jaxft.tasks import read_records
 from jaxft.templates import get_template
@@ -98,7 +99,7 @@ def jax_step_time(cfg: Config, mcfg: ModelConfig, tok, records, steps: int) -> f
     params = state.init_params(layout, 0)
     opt = state.init_opt(layout, params)
     step = compile_train_step(layout, 1)
-    it = iter(data.make_loader(cfg, tok, records, train=True, process_index=0, process_count=1))
+    it = iter(make_loader(cfg, tok, records, train=True, process_index=0, process_count=1))
     for _ in range(2):
         params, opt, m = step(params, opt, to_global(next(it), mesh))
     jax.block_until_ready(m["loss"])
@@ -147,7 +148,7 @@ def main() -> None:
           f"model dim {args.dim} x {args.layers} layers; batch {args.batch}")
 
     rows = []
-    loader = data.make_loader(cfg, tok, records, train=True, process_index=0, process_count=1)
+    loader = make_loader(cfg, tok, records, train=True, process_index=0, process_count=1)
     pad = loader.stats.padding_ratio  # measured over one shuffled epoch
     n_batches = int(np.ceil(useful / (1 - pad) / args.max_length / args.batch))
     rows.append(("jaxft pack", n_batches, pad, jax_step_time(cfg, mcfg, tok, records, args.steps)))

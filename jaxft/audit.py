@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from jaxft.config import at_least, load_config
-from jaxft.data import build_tokenizer, load_split, make_loader
+from jaxft.batches import make_loader
+from jaxft.data import build_tokenizer, load_split
 from jaxft.chat import get_template
 from jaxft.templates import boundary_ok, tokenize_example
 

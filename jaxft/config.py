@@ -116,6 +116,7 @@ class EvalConfig:
     judge_url: str = ""  # Ollama or OpenAI-compatible endpoint for the instruct judge; "" disables
     judge_model: str = "llama3"  # model name sent to the judge endpoint
     judge_timeout_s: float = 60.0  # per-request timeout for the judge
+    judge_json: bool = False  # ask for {"score": N} constrained by a JSON schema (Ollama format / llama.cpp response_format)
 
 
 @dataclass

@@ -162,6 +162,9 @@ def add_parser(subparsers) -> None:
                    "/v1/chat/completions endpoint scoring responses 0-100 (off when empty)")
     p.add_argument("--judge-model", default="llama3")
     p.add_argument("--judge-timeout", type=float, default=60.0)
+    p.add_argument("--judge-json", action="store_true",
+                   help='constrain the judge\'s reply to {"score": N} by a JSON schema (Ollama '
+                   "`format`, llama.cpp `response_format`): small judges then always score")
     p.add_argument("--allow-judge-failures", action="store_true",
                    help="exit 0 even when the judge scored no response")
     p.set_defaults(func=main)
@@ -192,7 +195,7 @@ def main(args) -> int:
     records, shot_records = load_eval_records(args.task, args.data, args.shots,
                                               split=args.split)
     judge = from_config(EvalConfig(judge_url=args.judge_url, judge_model=args.judge_model,
-                                   judge_timeout_s=args.judge_timeout))
+                                   judge_timeout_s=args.judge_timeout, judge_json=args.judge_json))
     metrics = run_eval(loaded.model, loaded.tokenizer, template, args.task, records,
                        limit=args.limit, shots=args.shots, shot_records=shot_records,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

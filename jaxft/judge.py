@@ -24,6 +24,11 @@ PROMPT = (
     "Instruction:\n{instruction}\n\nReference answer:\n{reference}\n\n"
     "Model response:\n{response}\n\n"
     "Reply with the integer score only.")
+# With json_reply the reply is constrained to this schema by the server (Ollama's `format`,
+# llama.cpp's `response_format` schema), so even a small judge answers with a score.
+SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+          "required": ["score"]}
+JSON_ASK = 'Reply with JSON only: {"score": <integer from 0 to 100>}.'
 
 _SCORE = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
 
@@ -49,7 +54,7 @@ class JudgeReport:
 
 
 class Judge:
-    def __init__(self, url: str, model: str, timeout_s: float = 60.0):
+    def __init__(self, url: str, model: str, timeout_s: float = 60.0, json_reply: bool = False):
         path = urllib.parse.urlsplit(url).path.rstrip("/")
         if path.endswith("/v1"):  # an OpenAI-compatible base URL, as servers print it
             url, path = url.rstrip("/") + "/chat/completions", path + "/chat/completions"
@@ -60,15 +65,19 @@ class Judge:
         else:
             raise ValueError(f"judge url {url!r}: expected an Ollama .../api/chat or an "
                              "OpenAI-compatible .../v1 or .../v1/chat/completions endpoint")
-        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.url, self.model, self.timeout_s, self.json_reply = url, model, timeout_s, json_reply
 
     def _request(self, prompt: str) -> str:
         messages = [{"role": "user", "content": prompt}]
         if self.kind == "ollama":
             body = {"model": self.model, "messages": messages, "stream": False,
                     "options": {"temperature": 0, "seed": 0}}
+            if self.json_reply:
+                body["format"] = SCHEMA
         else:
             body = {"model": self.model, "messages": messages, "temperature": 0}
+            if self.json_reply:
+                body["response_format"] = {"type": "json_object", "schema": SCHEMA}
         req = urllib.request.Request(self.url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
@@ -94,8 +103,10 @@ class Judge:
                              f"{raw[:200].decode(errors='replace')!r}") from None
 
     def score(self, instruction: str, reference: str, response: str) -> int:
-        text = self._request(PROMPT.format(instruction=instruction, reference=reference,
-                                           response=response))
+        prompt = PROMPT.format(instruction=instruction, reference=reference, response=response)
+        if self.json_reply:
+            prompt = prompt.rsplit("\n", 1)[0] + "\n" + JSON_ASK
+        text = self._request(prompt)
         n = parse_score(text)
         if n is None:
             raise JudgeError(f"judge {self.url}: reply has no score from 0 to 100: {text[:200]!r}")
@@ -119,4 +130,6 @@ class Judge:
 
 def from_config(cfg: EvalConfig) -> Judge | None:
     """The configured judge, or None when `judge_url` is empty (the default)."""
-    return Judge(cfg.judge_url, cfg.judge_model, cfg.judge_timeout_s) if cfg.judge_url else None
+    if not cfg.judge_url:
+        return None
+    return Judge(cfg.judge_url, cfg.judge_model, cfg.judge_timeout_s, json_reply=cfg.judge_json)

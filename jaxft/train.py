@@ -25,7 +25,7 @@ import optax
 import yaml
 from flax import nnx
 
-from jaxft import checkpoint, config as config_lib, data, distributed, modeldir, sharding, state
+from jaxft import batches, checkpoint, config as config_lib, data, distributed, modeldir, sharding, state
 from jaxft.config import Config, check_batch_split
 from jaxft.errors import ConfigError
 from jaxft.evaluate import TaskEvaluator
@@ -178,8 +178,8 @@ class Run:
     mesh: Any
     tok: Any
     layout: state.Layout
-    loader: data.Loader
-    vloader: data.Loader | None
+    loader: batches.Loader
+    vloader: batches.Loader | None
     ckpts: checkpoint.Checkpoints
     report: Report
     step_fn: Any
@@ -312,13 +312,13 @@ def prepare(cfg: Config, run_dir: str | Path) -> Run:
     fingerprint = data.fingerprint(cfg)
     check_resume(run_dir, cfg, fingerprint)
     layout = state.make_layout(cfg.model, mesh, make_optimizer(cfg.optim, cfg.train.steps))
-    loader = data.make_loader(cfg, tok, train_records, train=True)
+    loader = batches.make_loader(cfg, tok, train_records, train=True)
     ckpts = checkpoint.Checkpoints(run_dir / "ckpt", keep=cfg.train.keep)
     step, params, opt_state, rng, resumed = _restore_or_init(cfg, layout, ckpts, loader)
     write_run_record(run_dir, cfg, fingerprint)  # only now: a refused resume changes nothing
     eval_fn = compile_eval_step(layout) if cfg.train.eval_every else None
     r = Run(cfg, run_dir, mesh, tok, layout, loader,
-            data.make_loader(cfg, tok, valid_records, train=False) if eval_fn else None, ckpts,
+            batches.make_loader(cfg, tok, valid_records, train=False) if eval_fn else None, ckpts,
             Report(run_dir, cfg.train.steps, step, cfg.train.progress, cfg.train.tensorboard),
             compile_train_step(layout, cfg.optim.grad_accum), eval_fn, _task_evaluator(cfg, tok),
             params, opt_state, rng, step, resumed)

@@ -10,14 +10,16 @@ import math
 import random
 
 import grain
+import jax
 import numpy as np
 
 from jaxft import tasks
 from jaxft.config import Config, DataConfig, check_batch_split, data_path
 from jaxft.chat import get_template
-from jaxft.data import (FIELDS, HOLDOUT_FRACTION, LONGEST_MULTIPLE, PACKING_BINS, DataStats, Loader,
-                        ShardedBatches, _batch_fn, _from_packed, _pad_rows, _rows, _shift,
-                        _stack_packed, encode_one, padding_ratio, shard_layout, shard_seed)
+from jaxft.batches import (FIELDS, LONGEST_MULTIPLE, PACKING_BINS, Loader, ShardedBatches,
+                           _batch_fn, _from_packed, _pad_rows, _rows, _shift, _stack_packed,
+                           padding_ratio, shard_layout, shard_seed)
+from jaxft.data import HOLDOUT_FRACTION, DataStats, encode_one
 from jaxft.errors import DataError
 from jaxft.tasks.instruct import split_alpaca
 from jaxft.templates import tokenize_example

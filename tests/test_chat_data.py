@@ -11,7 +11,7 @@ import yaml
 from flax import nnx
 
 import chat_templates as ct
-from jaxft import audit, chat, data
+from jaxft import audit, batches, chat, data
 from jaxft.__main__ import main
 from jaxft.config import load_config
 from jaxft.model import Llama
@@ -113,7 +113,7 @@ def test_a_role_the_template_rejects_names_template_and_record(tmp_path, smol_di
     t = data.build_tokenizer(cfg, recs)
     with pytest.raises(TemplateError, match=r"mistral\.jinja:\d+: Conversation roles must "
                                             r"alternate.*t\.jsonl:1"):
-        data.make_loader(cfg, t, recs, train=True, process_index=0, process_count=1)
+        batches.make_loader(cfg, t, recs, train=True, process_index=0, process_count=1)
 
 
 def test_overlong_conversations_lose_whole_turns_or_are_dropped(tmp_path, tok):
@@ -139,7 +139,7 @@ def test_packed_conversations_never_attend_to_each_other(tmp_path, smol_dir, tok
     cfg = load_config(config(tmp_path, smol_dir, write_jsonl(tmp_path / "p.jsonl", rows),
                              max_length=256))
     recs, _ = data.load_split(cfg, "train")
-    loader = data.make_loader(cfg, tok, recs, train=False, process_index=0, process_count=1)
+    loader = batches.make_loader(cfg, tok, recs, train=False, process_index=0, process_count=1)
     batch = next(iter(loader))
     seg = batch["segment_ids"]
     assert seg.max() >= 3  # several conversations share a row

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jaxft.config import Config, ConfigError, DataConfig, load_config
-from jaxft.data import (FIELDS, LONGEST_MULTIPLE, build_tokenizer, encode_records, load_split,
-                        make_loader)
+from jaxft.batches import FIELDS, LONGEST_MULTIPLE, make_loader
+from jaxft.data import build_tokenizer, encode_records, load_split
 from jaxft.tasks import DataError, read_records
 from jaxft.templates import get_template, tokenize_example
 from jaxft.tokenizer import load_tokenizer

@@ -15,7 +15,8 @@ import pytest
 from eager_pipeline import eager_load_split, make_eager_loader
 from jaxft import source as source_lib
 from jaxft.config import load_config
-from jaxft.data import FIELDS, SAMPLE, Split, build_tokenizer, make_loader, open_split
+from jaxft.batches import FIELDS, make_loader, shard_layout
+from jaxft.data import SAMPLE, Split, build_tokenizer, open_split
 from jaxft.source import JsonlRows, RecordSource, build_index, load_index
 from jaxft.tasks import DataError, iter_jsonl, read_records
 from test_data import segments, take
@@ -240,7 +241,6 @@ def test_virtual_shards_same_global_batch_on_any_process_count(data_root, tok_di
     local batches, stacked, are the one process's batches, step after step; a state saved by
     one process restores shard by shard in another layout, and bad layouts are clear errors."""
     from jaxft.errors import ConfigError
-    from jaxft.data import shard_layout
     cfg = recipe("tiny-viggo", data_root, tok_dir, "data.limit=120", "data.max_length=96")
     tok = build_tokenizer(cfg)
     split = open_split(cfg, "train")

@@ -101,6 +101,24 @@ def test_eval_instruct_scored_by_real_server(server, model_dir, tmp_path, capsys
     assert err.count("reply has no score") + err.count("malformed") == metrics["judge_failed"]
 
 
+def test_json_schema_makes_the_small_judge_score_every_response(server, model_dir, tmp_path, capsys):
+    """--judge-json: llama.cpp constrains the reply to {"score": N}, so the 135M judge that
+    mostly answers the instruction instead (above) scores every response."""
+    if not DATA.is_file():
+        pytest.skip(f"ch07 data not found at {DATA}")
+    _, base = server
+    out = tmp_path / "ev"
+    argv = ["eval", "--ckpt", str(model_dir), "--task", "instruct", "--limit", str(N_ITEMS),
+            "--template", "alpaca", "--max-new-tokens", "8", "--out", str(out),
+            "--judge-url", base, "--judge-model", "smollm2", "--judge-timeout", str(TIMEOUT),
+            "--judge-json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["judge_scored"] == N_ITEMS and metrics["judge_failed"] == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(0 <= r["judge_score"] <= 100 for r in rows)
+
+
 def test_stopped_server_is_a_timeout_error(server):
     proc, base = server
     judge = Judge(base, "smollm2", timeout_s=2.0)

@@ -242,14 +242,14 @@ def test_launch_errors_name_the_problem(kw, env, msg):
 
 def test_shards_are_disjoint_and_cover_the_batch(data_root, tok_dir):
     """What each process feeds: its own half of the examples, together one global batch."""
-    from jaxft import config as config_lib, data
+    from jaxft import batches, config as config_lib, data
     cfg = config_lib.load_config(CONFIG, [f"data.root={data_root}",
                                           *sets(tok_dir, 1, padding="max_length", limit=8)])
     tok = data.build_tokenizer(cfg)
     records, _ = data.load_split(cfg, "train")
-    whole = next(iter(data.make_loader(cfg, tok, records, train=True, process_count=1,
+    whole = next(iter(batches.make_loader(cfg, tok, records, train=True, process_count=1,
                                        process_index=0)))
-    halves = [next(iter(data.make_loader(cfg, tok, records, train=True, process_count=2,
+    halves = [next(iter(batches.make_loader(cfg, tok, records, train=True, process_count=2,
                                          process_index=p))) for p in (0, 1)]
     rows = lambda b: {tuple(r[r > 0]) for r in b["inputs"]}  # noqa: E731
     assert all(len(h["inputs"]) == 4 for h in halves)
@@ -261,12 +261,12 @@ def test_padding_longest_agrees_on_one_width_across_processes(tmp_path, data_roo
     """With `longest` each process pads its rows to its own longest; the global batch needs one
     width, so the processes agree on the widest before building it. 2 processes must then train
     exactly as 1 does."""
-    from jaxft import config as config_lib, data
+    from jaxft import batches, config as config_lib, data
     longest = sets(tok_dir, 2, padding="longest", limit=8) + ["data.max_length=1024"]
     cfg = config_lib.load_config(CONFIG, [f"data.root={data_root}", *longest])
     tok = data.build_tokenizer(cfg)
     records, _ = data.load_split(cfg, "train")
-    widths = {next(iter(data.make_loader(cfg, tok, records, train=True, process_count=2,
+    widths = {next(iter(batches.make_loader(cfg, tok, records, train=True, process_count=2,
                                          process_index=p)))["inputs"].shape[1] for p in (0, 1)}
     assert len(widths) == 2, "the two halves must differ in width for this test to mean anything"
     one_process(tmp_path / "ref", longest, data_root)
