@@ -120,8 +120,8 @@ def _batch_fn(d: DataConfig, n_rows: int | None):
 
 def shard_layout(d: DataConfig, process_index: int, process_count: int) -> tuple[int, range]:
     """(V, the virtual shards this process serves). Record i of the training split belongs to
-    shard i % V, and every shard is shuffled and packed on its own; rows r*V/B .. of each
-    global batch come from shard r, so the global batches are the same on any process count
+    shard i % V, and every shard is shuffled and packed on its own; rows r*B/V .. (r+1)*B/V - 1
+    of each global batch (B = batch_size) come from shard r, so the global batches are the same on any process count
     that divides V, and a checkpoint resumes on any such count."""
     V = d.shards or d.batch_size
     if d.batch_size % V or V % process_count:
