@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -56,6 +58,27 @@ def score_predictions(task: str, records: list[dict], raw: list[str]) -> tuple[l
     n = len(rows)
     metrics = {"n": n, **{k: sum(r[k] for r in rows) / n for k in names}} if n else {"n": 0}
     return rows, metrics
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score interval (95 % at z=1.96) of k successes in n trials: honest at the
+    0 % and 100 % ends and for small n, where the normal approximation is not."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, z2 = k / n, z * z
+    mid, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return [max(0.0, (mid - half) / (1 + z2 / n)), min(1.0, (mid + half) / (1 + z2 / n))]
+
+
+def intervals(rows: list[dict], metrics: dict) -> dict[str, list[float]]:
+    """95 % intervals: Wilson for every accuracy, mean +- 1.96 standard errors for the judge."""
+    out = {k: wilson(sum(r[k] for r in rows), len(rows)) for k in metrics
+           if rows and isinstance(rows[0].get(k), bool)}
+    scores = [r["judge_score"] for r in rows if r.get("judge_score") is not None]
+    if len(scores) > 1:
+        m, sd = statistics.fmean(scores), statistics.stdev(scores)
+        out["judge_mean"] = [m - 1.96 * sd / math.sqrt(len(scores)), m + 1.96 * sd / math.sqrt(len(scores))]
+    return out
 
 
 def judge_rows(judge, records: list[dict], rows: list[dict], metrics: dict) -> None:
@@ -108,6 +131,7 @@ def run_eval(model, tok, template, task: str, records: list[dict], *, limit: int
         row["prompt"] = template.prompt(ex)
     if judge is not None:
         judge_rows(judge, records, rows, metrics)
+    metrics["ci95"] = intervals(rows, metrics)
     if out_dir is not None:
         write_results(out_dir, rows, metrics, force)
     return metrics
@@ -126,7 +150,7 @@ class TaskEvaluator:
         """{f"{task}_{metric}": accuracy} over the subset."""
         metrics = run_eval(model, self.tok, self.template, self.task, self.records,
                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        return {f"{self.task}_{k}": v for k, v in metrics.items() if k not in ("n", "shots")}
+        return {f"{self.task}_{k}": v for k, v in metrics.items() if k not in ("n", "shots", "ci95")}
 
 
 # ---------------------------------------------------------------- CLI

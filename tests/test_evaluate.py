@@ -8,7 +8,8 @@ import pytest
 
 from jaxft.__main__ import main
 from jaxft.errors import ConfigError
-from jaxft.evaluate import TaskEvaluator, few_shot_ids, run_eval, score_predictions, write_results
+from jaxft.evaluate import (TaskEvaluator, few_shot_ids, intervals, run_eval, score_predictions,
+                            wilson, write_results)
 from jaxft.generate import cut_at_stop
 from jaxft.modeldir import OutputExistsError, save_model
 from jaxft.tasks import STOPS
@@ -27,6 +28,20 @@ PREDS = [
     "inform(name[Riven])",  # wrong value
     "confirm(name[portal], esrb[E])<END_A>junk after the end marker",  # value case ignored
 ]
+
+
+def test_wilson_intervals_and_the_judge_interval():
+    # reference values of the Wilson score interval (z = 1.96)
+    assert wilson(3, 200) == pytest.approx([0.00512, 0.04313], abs=5e-5)
+    assert wilson(0, 50) == pytest.approx([0.0, 0.07135], abs=5e-5)  # never below 0
+    assert wilson(50, 50) == pytest.approx([0.92865, 1.0], abs=5e-5)
+    rows, metrics = score_predictions("viggo", VIGGO, PREDS)
+    ci = intervals(rows, metrics)
+    assert set(ci) == {"exact", "strict"} and ci["exact"] == wilson(3, 4)
+    for r, s in zip(rows, (10, 20, 30, None)):
+        r["judge_score"] = s
+    lo, hi = intervals(rows, metrics)["judge_mean"]
+    assert (lo + hi) / 2 == pytest.approx(20) and hi - lo == pytest.approx(2 * 1.96 * 10 / 3 ** 0.5)
 
 
 def test_score_and_write_known_predictions(tmp_path):
@@ -95,7 +110,8 @@ def test_run_eval_accuracy_of_known_model(setup, tmp_path):
     out = tmp_path / "ev"
     metrics = run_eval(model, tok, template, "instruct", recs, limit=0, max_new_tokens=MAX_NEW,
                        batch_size=4, out_dir=out)
-    assert metrics == {"n": 6, "exact": n_right / 6, "shots": 0}
+    assert metrics == {"n": 6, "exact": n_right / 6, "shots": 0,
+                       "ci95": {"exact": wilson(n_right, 6)}}
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     for r, row in zip(recs, rows):
         assert row["raw"] == expected_text(succ, tok, prompt_ids(tok, template, r))
