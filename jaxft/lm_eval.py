@@ -13,16 +13,12 @@ continuations (multiple choice) is prefilled once into a KV cache that each cont
 reads, and shapes are bucketed (rows fixed, lengths to a few sizes) so compiles are reused from
 batch to batch. Generation is `jaxft.generate` (KV cache, one jitted decode loop per batch).
 
-model_args: path (required), batch_size, max_length (default: the model's max_seq_len),
-mesh (DATAxFSDPxTENSOR such as 1x-1x1, or "auto": every device on fsdp; default "1x1x1":
-one device), max_gen_toks (default 256), prefix_token_id, seed.
+model_args: see jaxft/lm_eval_args.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +30,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
 
-from jaxft import modeldir, sharding
-from jaxft.config import MeshConfig
-from jaxft.errors import ConfigError
+from jaxft import sharding
+from jaxft.lm_eval_args import LMEvalError, build_mesh, check_model_args, config_bos_id
 from jaxft.generate import bucket, generate, left_pad, round_up
 from jaxft.kvcache import Static
 from jaxft.kernels import token_nll
@@ -44,16 +39,8 @@ from jaxft.state import load
 
 log = logging.getLogger(__name__)
 
-MODEL_ARGS = ("path", "batch_size", "max_length", "mesh", "max_gen_toks", "prefix_token_id",
-              "seed")
-HARNESS_ARGS = ("max_batch_size", "device")  # lm-eval passes these to every model; unused here
 GEN_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
-AUTO_BATCH = 16  # rows per batch for batch_size=auto: one fixed shape, so compiles are reused
 TOKENS_PER_CHUNK = 512  # scored positions per chunk of logits: [R, C, V] is never whole
-
-
-class LMEvalError(ConfigError):
-    """A model_args value or request the jaxft lm-eval backend cannot use."""
 
 
 # ---------------------------------------------------------------- the jitted scorer
@@ -108,99 +95,6 @@ def _score_shared(graphdef, state, ctx_BxP, pos_BxP, seg_BxP, row_R, targets_RxC
     # Target 0 is predicted by the context's last slot, target c by continuation slot c - 1.
     h_RxCxD = jnp.concatenate([h_BxPxD[row_R, -1:], h_RxCxD[:, :-1]], axis=1)
     return _span_scores(model, h_RxCxD, targets_RxC, mask_RxC, chunk)
-
-
-# ---------------------------------------------------------------- model_args
-
-def parse_mesh(value) -> MeshConfig:
-    if value in (None, "", "1x1x1"):
-        return MeshConfig(data=1, fsdp=1, tensor=1)
-    if value == "auto":
-        return MeshConfig(fsdp=-1)
-    try:
-        data, fsdp, tensor = (int(x) for x in str(value).split("x"))
-    except ValueError:
-        raise LMEvalError(f"model_args mesh={value!r}: expected DATAxFSDPxTENSOR (e.g. 1x-1x1) "
-                          "or auto") from None
-    return MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
-
-
-def _positive_int(key: str, value, alternatives: str = "") -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise LMEvalError(f"model_args {key}={value!r}: expected a positive integer{alternatives}")
-    return n
-
-
-def parse_batch_size(value) -> int:
-    if isinstance(value, str) and value.startswith("auto"):
-        return AUTO_BATCH
-    return _positive_int("batch_size", value, " or auto")
-
-
-def check_model_dir(path) -> Path:
-    if not path:
-        raise LMEvalError("model_args: path=MODEL_DIR is required (a jaxft model directory)")
-    d = Path(str(path)).expanduser()
-    if not (d / "config.json").is_file():
-        raise LMEvalError(f"model_args path={path}: not a jaxft model directory "
-                          "(no config.json; make one with `jaxft convert`)")
-    if not (d / "tokenizer").is_dir():
-        raise LMEvalError(f"{d / 'tokenizer'}: the model directory has no tokenizer; lm-eval "
-                          "requests are text, so the jaxft backend needs one")
-    return d
-
-
-def config_bos_id(tok_dir: Path, tok) -> int | None:
-    """The bos token named in tokenizer_config.json, which lm-eval's hf backend takes as the
-    prefix of empty contexts and rolling windows even when the tokenizer never adds it."""
-    cfg_path = tok_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    name = cfg.get("bos_token")
-    name = name.get("content") if isinstance(name, dict) else name
-    found = tok.token_id(name) if name else None
-    return found if found is not None else tok.bos_id
-
-
-def build_mesh(mc: MeshConfig):
-    """The mesh over the first data*fsdp*tensor devices (all of them when a size is -1)."""
-    sizes = (mc.data, mc.fsdp, mc.tensor)
-    devices = jax.devices() if -1 in sizes else jax.devices()[:int(np.prod(sizes))]
-    return sharding.make_mesh(mc, devices)
-
-
-def check_max_length(value, limit: int, where: Path) -> int:
-    if value is None:
-        return limit
-    n = _positive_int("max_length", value)
-    if n > limit:
-        raise LMEvalError(f"model_args max_length={n}: the model supports at most {limit} tokens "
-                          f"(max_seq_len in {where / 'config.json'})")
-    return n
-
-
-def check_model_args(args: dict) -> dict:
-    """model_args checked and typed, before anything is loaded (`jaxft lm-eval` calls this
-    before lm-eval indexes its tasks, so a typo fails at once)."""
-    unknown = sorted(set(args) - set(MODEL_ARGS) - set(HARNESS_ARGS))
-    if unknown:
-        raise LMEvalError(f"model_args: unknown key {', '.join(unknown)}; the jaxft backend "
-                          f"takes {', '.join(MODEL_ARGS)}")
-    d = check_model_dir(args.get("path"))
-    out = {"path": d, "batch_size": parse_batch_size(args.get("batch_size", 1)),
-           "max_length": check_max_length(args.get("max_length"),
-                                          modeldir.read_config(d).max_seq_len, d),
-           "mesh": parse_mesh(args.get("mesh")), "device": args.get("device")}
-    for key, default in (("max_gen_toks", 256), ("seed", 0), ("prefix_token_id", None)):
-        value = args.get(key, default)
-        try:
-            out[key] = None if value is None else int(value)
-        except (TypeError, ValueError):
-            raise LMEvalError(f"model_args {key}={value!r}: expected an integer") from None
-    return out
 
 
 # ---------------------------------------------------------------- the lm-eval model

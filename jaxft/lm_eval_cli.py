@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from jaxft.errors import ConfigError
+from jaxft.lm_eval_args import check_model_args
 
 
 def add_parser(subparsers) -> None:
@@ -34,7 +35,7 @@ def lm_eval_argv(args: list[str]) -> list[str]:
 def main(args) -> int:
     # lm-eval (and torch, which it imports) is the optional [eval] extra: loaded only here.
     try:
-        from jaxft.lm_eval import check_model_args  # registers the "jaxft" model
+        import jaxft.lm_eval  # noqa: F401  (registers the "jaxft" model)
         from lm_eval._cli import HarnessCLI  # (the same optional extra)
         from lm_eval.utils import setup_logging  # (the same optional extra)
     except ImportError as e:
