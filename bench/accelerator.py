@@ -43,7 +43,7 @@ from jaxft.convert import from_hf  # noqa: E402
 from jaxft.generate import generate, generate_no_cache  # noqa: E402
 from jaxft.kernels import CausalSegments, attention as jaxft_attention  # noqa: E402
 from jaxft.optim import make_optimizer  # noqa: E402
-from jaxft.train import compile_train_step, flops_per_token, peak_flops  # noqa: E402
+from jaxft.step import compile_train_step, flops_per_token, peak_flops  # noqa: E402
 
 ONE_B = ModelConfig(vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                     ffn_dim=8192, max_seq_len=2048, param_dtype="float32", dtype="bfloat16",

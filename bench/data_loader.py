@@ -57,7 +57,7 @@ def time_train_step(cfg: Config, vocab: int, batches: list[dict], steps: int) ->
     from jaxft.config import get_preset
     from jaxft.config import MeshConfig
     from jaxft.optim import make_optimizer
-    from jaxft.train import compile_train_step, to_global
+    from jaxft.step import compile_train_step, to_global
 
     mcfg = dataclasses.replace(get_preset("tiny"), vocab_size=vocab,
                                max_seq_len=cfg.data.max_length)

@@ -92,7 +92,7 @@ def jax_step_time(cfg: Config, mcfg: ModelConfig, tok, records, steps: int) -> f
     from jaxft import sharding, state
     from jaxft.config import MeshConfig
     from jaxft.optim import make_optimizer
-    from jaxft.train import compile_train_step, to_global
+    from jaxft.step import compile_train_step, to_global
 
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
     layout = state.make_layout(mcfg, mesh, make_optimizer(cfg.optim, 1000))

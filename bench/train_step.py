@@ -89,7 +89,7 @@ class Jax:
         from jaxft import sharding, state
         from jaxft.config import MeshConfig, OptimConfig
         from jaxft.optim import make_optimizer
-        from jaxft.train import compile_train_step
+        from jaxft.step import compile_train_step
 
         self.jax = jax
         self.mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
@@ -112,7 +112,7 @@ def make_batches(cfg: ModelConfig, b: int, l: int, n: int, seed: int) -> list[np
 
 
 def jax_batch(ids: np.ndarray, mesh) -> dict:
-    from jaxft.train import to_global
+    from jaxft.step import to_global
     b, l1 = ids.shape
     l = l1 - 1
     return to_global({"inputs": ids[:, :-1], "targets": ids[:, 1:],
@@ -130,7 +130,7 @@ def timed_steps(step, batches, n: int) -> float:
 def run_config(name: str, args) -> dict:
     import torch
     from jaxft.convert import from_hf
-    from jaxft.train import flops_per_token, peak_flops
+    from jaxft.step import flops_per_token, peak_flops
 
     cfg, b, l = CONFIGS[name]
     with tempfile.TemporaryDirectory(prefix=f"bench-step-{name}-") as d:  # ~1 GB for SmolLM2

@@ -20,7 +20,7 @@ from jaxft import kernels, sharding, state
 from jaxft.config import MeshConfig, OptimConfig, at_least, check_batch_split, get_preset
 from jaxft.errors import ConfigError
 from jaxft.optim import make_optimizer
-from jaxft.train import compile_train_step
+from jaxft.step import compile_train_step
 
 GiB = 1024**3
 

@@ -9,7 +9,7 @@ import pytest
 from jaxft import sharding, state
 from jaxft.config import MeshConfig, OptimConfig
 from jaxft.optim import _decay_mask, make_optimizer, schedule
-from jaxft.train import compile_train_step, to_global
+from jaxft.step import compile_train_step, to_global
 
 
 def test_schedule_warmup_then_cosine_to_floor():

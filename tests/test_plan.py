@@ -10,7 +10,7 @@ from jaxft import kernels, plan, sharding, state
 from jaxft.__main__ import main as cli
 from jaxft.config import MeshConfig, OptimConfig, get_preset
 from jaxft.optim import make_optimizer
-from jaxft.train import compile_train_step, to_global
+from jaxft.step import compile_train_step, to_global
 
 BATCH, SEQ = 8, 64
 MESHES = {"fsdp4_tensor2": MeshConfig(data=1, fsdp=4, tensor=2),

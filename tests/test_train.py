@@ -249,9 +249,9 @@ def test_run_leaves_the_callers_config_and_sigterm_handler_alone(tmp_path, data_
 
 
 def test_mfu_needs_a_known_device_or_the_env(monkeypatch):
-    from jaxft import train
+    from jaxft import step
     monkeypatch.delenv("JAXFT_PEAK_FLOPS", raising=False)
-    monkeypatch.setattr(train, "PEAK_FLOPS", {"TPU v5": 459e12})  # no entry for this CPU
-    assert train.peak_flops() is None
+    monkeypatch.setattr(step, "PEAK_FLOPS", {"TPU v5": 459e12})  # no entry for this CPU
+    assert step.peak_flops() is None
     monkeypatch.setenv("JAXFT_PEAK_FLOPS", "1e12")
-    assert train.peak_flops() == 1e12
+    assert step.peak_flops() == 1e12
