@@ -80,15 +80,20 @@ def model_dir(tmp_path_factory, sp_tokenizer):
     return save_model(tmp_path_factory.mktemp("m") / "tiny", Llama(cfg, nnx.Rngs(0)), sp_tokenizer)
 
 
+def judged_eval(model_dir, out, base, *extra) -> list[str]:
+    """`jaxft eval` of N_ITEMS ch07 instructions, judged by the server at `base`."""
+    return ["eval", "--ckpt", str(model_dir), "--task", "instruct", "--limit", str(N_ITEMS),
+            "--template", "alpaca", "--max-new-tokens", "8", "--out", str(out),
+            "--judge-url", base, "--judge-model", "smollm2", "--judge-timeout", str(TIMEOUT), *extra]
+
+
 def test_eval_instruct_scored_by_real_server(server, model_dir, tmp_path, capsys):
     if not DATA.is_file():
         pytest.skip(f"ch07 data not found at {DATA}")
     _, base = server
     out = tmp_path / "ev"
-    argv = ["eval", "--ckpt", str(model_dir), "--task", "instruct", "--limit", str(N_ITEMS),
-            "--template", "alpaca", "--max-new-tokens", "8", "--out", str(out),
-            "--judge-url", base, "--judge-model", "smollm2", "--judge-timeout", str(TIMEOUT),
-            "--allow-judge-failures"]  # a 135M judge may score none; the counts are checked
+    # a 135M judge may score none; the counts are checked
+    argv = judged_eval(model_dir, out, base, "--allow-judge-failures")
     assert main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -108,10 +113,7 @@ def test_json_schema_makes_the_small_judge_score_every_response(server, model_di
         pytest.skip(f"ch07 data not found at {DATA}")
     _, base = server
     out = tmp_path / "ev"
-    argv = ["eval", "--ckpt", str(model_dir), "--task", "instruct", "--limit", str(N_ITEMS),
-            "--template", "alpaca", "--max-new-tokens", "8", "--out", str(out),
-            "--judge-url", base, "--judge-model", "smollm2", "--judge-timeout", str(TIMEOUT),
-            "--judge-json"]
+    argv = judged_eval(model_dir, out, base, "--judge-json")
     assert main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["judge_scored"] == N_ITEMS and metrics["judge_failed"] == 0
