@@ -1,5 +1,6 @@
-"""Text generation: one jitted prefill of a left-padded prompt batch into a fixed-size KV cache,
-then a `lax.while_loop` decoding one token per row per step until every row has stopped.
+"""Text generation: prompts left-padded into the rows of a fixed-size KV cache, prefilled, then
+decoded one token per row per step in a `lax.while_loop` (`jaxft.decoder`), rows refilled with
+the next prompts as their answers end.
 
 Left padding lines up every prompt's last token in the final prompt slot, so one prefill
 serves the whole batch. Padding slots get segment id 0, which real tokens never attend to, and
@@ -12,13 +13,13 @@ from functools import partial
 from typing import Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxft import chat, compile_cache, kvcache, sharding
+from jaxft import chat, compile_cache, decoder, kvcache, sharding
 from jaxft.config import at_least
+from jaxft.decoder import left_pad, sample_logits
 from jaxft.kvcache import Static
 from jaxft.state import load
 from jaxft.tasks import cut_at_stop
@@ -32,34 +33,6 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-# ---------------------------------------------------------------- sampling
-
-def sample_logits(key, logits_BxV: jax.Array, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-    """Next token per row: argmax when temperature is 0, else a draw from the tempered
-    distribution cut to the top_k most likely tokens (0: all) and then to the smallest set
-    whose probability reaches top_p. The three settings are Python values (static under jit)."""
-    if temperature <= 0.0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
-    neg = jnp.finfo(jnp.float32).min
-    if top_k > 0 or top_p < 1.0:
-        v = logits_BxV.shape[-1]
-        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
-        keep_BxV = jnp.broadcast_to(jnp.arange(v) < (top_k if top_k > 0 else v), sorted_BxV.shape)
-        sorted_BxV = jnp.where(keep_BxV, sorted_BxV, neg)
-        if top_p < 1.0:
-            p_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-            # Keep a token while the mass before it is still short of top_p: the first token
-            # always stays, and so does the one that crosses the threshold.
-            before_BxV = jnp.cumsum(p_BxV, axis=-1) - p_BxV
-            keep_BxV = keep_BxV & (before_BxV < top_p)
-        n_keep_B = jnp.sum(keep_BxV, axis=-1)
-        cutoff_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
-        logits_BxV = jnp.where(logits_BxV >= cutoff_B, logits_BxV, neg)
-    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------- batching
@@ -76,21 +49,6 @@ def _batch_rows(n: int, mesh) -> int:
     dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))
     b = bucket(n, 1) if n <= 8 else round_up(n, 8)
     return round_up(b, dp)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int):
-    """ids, positions and segment ids `[rows, length]`, each prompt right-aligned; rows past
-    len(prompts) are filler that repeat the first prompt's first token."""
-    ids = np.zeros((rows, length), np.int32)
-    seg = np.zeros((rows, length), np.int32)
-    pos = np.zeros((rows, length), np.int32)
-    for r in range(rows):
-        p = prompts[r] if r < len(prompts) else prompts[0][:1]
-        n = len(p)
-        ids[r, length - n:] = p
-        seg[r, length - n:] = 1
-        pos[r, length - n:] = np.arange(n)
-    return ids, pos, seg
 
 
 def _check_prompts(model, prompts, max_new_tokens):
@@ -115,64 +73,6 @@ def _cut(rows_BxT: np.ndarray, n: int, stop: set[int], keep_stop: bool = False) 
     return out
 
 
-# ---------------------------------------------------------------- the jitted decoder
-
-def _row_cache(model, b: int, s: int, mesh) -> kvcache.RowCache:
-    cfg = model.cfg
-    shape = (cfg.n_layers, b, cfg.n_kv_heads, s, cfg.head_size)
-    k = v = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    if mesh is not None:  # cache rows follow the batch; kv heads follow the tensor axis
-        axes = ("layers", "batch", "kv_heads", "length", "head_dim")
-        kv = NamedSharding(mesh, sharding.spec(axes, shape, mesh))
-        k, v = (jax.lax.with_sharding_constraint(x, kv) for x in (k, v))
-    return kvcache.RowCache(k, v, jnp.zeros((b, s), bool))
-
-
-def _write(row: kvcache.RowCache, k_NxBxKxLxE, v_NxBxKxLxE, ok_BxL, slot) -> kvcache.RowCache:
-    """The row cache with L new slots written at `slot`, in place inside the loop."""
-    at = (0, 0, 0, slot, 0)
-    return kvcache.RowCache(jax.lax.dynamic_update_slice(row.k, k_NxBxKxLxE.astype(row.k.dtype), at),
-                            jax.lax.dynamic_update_slice(row.v, v_NxBxKxLxE.astype(row.v.dtype), at),
-                            jax.lax.dynamic_update_slice(row.ok_BxS, ok_BxL, (0, slot)))
-
-
-@partial(jax.jit, static_argnames=("graphdef", "mesh", "out_len", "temperature", "top_k",
-                                   "top_p"))
-def _decode(graphdef, state, prefix_k, prefix_v, ids_BxL, valid_BxL, done_B, stop_T, key,
-            max_new, *, mesh, out_len, temperature, top_k, top_p):
-    """Prefill the rows' own tokens (left-padded, after the shared prefix), then decode one
-    token per row per step in a while loop that ends when every row has stopped."""
-    model = nnx.merge(graphdef.graphdef, state)
-    b, l = ids_BxL.shape
-    prefix = kvcache.Prefix((), prefix_k, prefix_v)
-    pos_BxL = prefix_k.shape[2] + jnp.maximum(jnp.cumsum(valid_BxL, axis=1) - 1, 0)
-    h_BxLxD, k_new, v_new = kvcache.forward(model, ids_BxL, pos_BxL,
-                                            kvcache.causal_ok(valid_BxL), prefix)
-    # Only the last position's logits are needed, never the full [B, L, V].
-    last_logits_BxV = model.logits(h_BxLxD[:, -1:])[:, 0]
-    row = _write(_row_cache(model, b, l + out_len, mesh), k_new, v_new, valid_BxL, 0)
-    one_Bx1x1 = jnp.ones((b, 1, 1), bool)
-
-    def cond(carry):
-        step, done_B = carry[0], carry[3]
-        return (step < max_new) & ~jnp.all(done_B)
-
-    def body(carry):
-        step, logits_BxV, out_BxT, done_B, row, pos_B = carry
-        tok_B = sample_logits(jax.random.fold_in(key, step), logits_BxV, temperature, top_k, top_p)
-        tok_B = jnp.where(done_B, -1, tok_B)  # -1 marks "already finished"
-        out_BxT = jax.lax.dynamic_update_slice(out_BxT, tok_B[:, None], (0, step))
-        done_B = done_B | jnp.isin(tok_B, stop_T)
-        h_Bx1xD, k1, v1 = kvcache.forward(model, jnp.maximum(tok_B, 0)[:, None], pos_B[:, None],
-                                          one_Bx1x1, prefix, row)
-        row = _write(row, k1, v1, one_Bx1x1[:, 0], l + step)
-        return step + 1, model.logits(h_Bx1xD)[:, 0], out_BxT, done_B, row, pos_B + 1
-
-    out_BxT = jnp.full((b, out_len), -1, jnp.int32)
-    carry = (jnp.int32(0), last_logits_BxV, out_BxT, done_B, row, pos_BxL[:, -1] + 1)
-    return jax.lax.while_loop(cond, body, carry)[2]
-
-
 def _split_prefix(prompts, prefix: kvcache.Prefix | None) -> list[list[int]]:
     """Each prompt's tokens after the shared prefix (checked to be there)."""
     if prefix is None or not prefix.ids:
@@ -192,17 +92,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
     """New tokens for each prompt (token ids, BOS included), cut before the first EOS or stop
     token (after it with `keep_stop`: a stop token whose text holds more than the stop string)
     and at `max_new_tokens`. Greedy unless `temperature` > 0. `prefix` (from
-    `kvcache.prefill_prefix`) is a start every prompt shares, prefilled once; `rows` and
-    `prompt_len` (after the prefix) pad the batch to at least that size, so the batches of one
-    evaluation share a compile."""
+    `kvcache.prefill_prefix`) is a start every prompt shares, prefilled once. `rows` prompts
+    decode at once (default: all of them, padded to a bucket); with fewer rows than prompts,
+    a row whose answer ends takes the next prompt (`jaxft.decoder`). `prompt_len` (after the
+    prefix) pads every prompt to at least that length."""
     _check_prompts(model, prompts, max_new_tokens)
     stop = sorted(set(eos_ids) | set(stop_ids or ()))
     mesh = _model_mesh(model)
     own = _split_prefix(prompts, prefix)
-    rows = _batch_rows(len(prompts), mesh) if rows is None else round_up(max(rows, len(prompts)),
-                                                                       _batch_rows(1, mesh))
-    # Prompts and output pad to multiples of 16: prefill is the costly part of a batch, and
-    # callers that pass `prompt_len` get one compile for all their batches anyway.
+    rows = _batch_rows(len(prompts), mesh) if rows is None else round_up(rows, _batch_rows(1, mesh))
+    # Prompts and output pad to multiples of 16: prefill is the costly part, and few shapes
+    # mean few compiles.
     p = round_up(max(prompt_len, *(len(x) for x in own)), 16)
     t = round_up(max_new_tokens, 16)
     if cache_len is not None:
@@ -212,19 +112,12 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
         t = cache_len - p
     if prefix is None:
         prefix = kvcache.prefill_prefix(model, [])
-    ids, _, seg = left_pad(own, rows, p)
-    done = np.arange(rows) >= len(prompts)  # filler rows start finished
-    args = [ids, seg.astype(bool), done]
-    if mesh is not None:
-        args = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in args]
-    graphdef, state = nnx.split(model)
     stop_T = np.full(bucket(len(stop), 8), -2, np.int32)  # -2 matches no token
     stop_T[:len(stop)] = stop
-    out = _decode(Static(graphdef), state, prefix.k_NxKxPxE, prefix.v_NxKxPxE, *args, stop_T,
-                  jax.random.key(seed), jnp.int32(max_new_tokens), mesh=mesh, out_len=t,
-                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-    return _cut(np.asarray(jax.device_get(out))[:, :max_new_tokens], len(prompts), set(stop),
-                keep_stop)
+    out = decoder.decode(model, own, prefix, rows=rows, p=p, t=t, stop_T=stop_T,
+                         key=jax.random.key(seed), max_new=max_new_tokens, mesh=mesh,
+                         sampling=(float(temperature), int(top_k), float(top_p)))
+    return _cut(np.stack(out)[:, :max_new_tokens], len(prompts), set(stop), keep_stop)
 
 
 # ---------------------------------------------------------------- reference without a cache
@@ -290,9 +183,9 @@ def generate_text(model, tok, template, records: list[dict], max_new_tokens: int
     """The generated text for each record's prompt (tokenised as in training), cut at the first
     stop string. `prompts` overrides the token ids (few-shot prompts are built by the caller).
 
-    Prompts run longest first, so each batch pads to similar lengths (answers grow with the
-    prompt, so rows of a batch also tend to stop together); a start shared by every prompt
-    (few-shot examples) is prefilled once; every batch has the same row count (one compile)."""
+    `batch_size` rows decode at once, each taking the next prompt when its answer ends;
+    prompts start longest first (answers grow with the prompt, so the long ones do not run on
+    alone at the end); a start shared by every prompt (few-shot examples) is prefilled once."""
     if prompts is None:
         prompts = [prompt_ids(tok, template, ex) for ex in records]
     stop_strings = tuple(stop_strings)
@@ -300,16 +193,12 @@ def generate_text(model, tok, template, records: list[dict], max_new_tokens: int
     stop_ids = [i for i in map(tok.token_id, stop_strings) if i is not None]
     prefix = kvcache.prefill_prefix(model, shared_prefix(prompts))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows = min(batch_size, len(prompts))
-    longest = len(prompts[order[0]]) - len(prefix.ids)
+    new = generate(model, [prompts[i] for i in order], max_new_tokens, eos_ids=(tok.eos_id,),
+                   stop_ids=stop_ids, prefix=prefix, rows=min(batch_size, len(prompts)),
+                   **sampling)
     texts: list[str] = [""] * len(prompts)
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
-        new = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids=(tok.eos_id,),
-                       stop_ids=stop_ids, prefix=prefix, rows=rows, prompt_len=longest,
-                       **sampling)
-        for i, ids in zip(idx, new):
-            texts[i] = cut_at_stop(tok.decode(ids), stop_strings)
+    for i, ids in zip(order, new):
+        texts[i] = cut_at_stop(tok.decode(ids), stop_strings)
     return texts
 
 

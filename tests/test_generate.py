@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from jaxft.config import MeshConfig
+from jaxft.decoder import group_size
 from jaxft.generate import bucket, cut_at_stop, generate, generate_no_cache, left_pad, sample_logits
 from jaxft.model import Llama
 from jaxft.sharding import make_mesh
@@ -49,6 +50,20 @@ def test_sharded_matches_single_device(model, tiny_cfg, reference, mesh_cfg):
     sharded = sharded_copy(model, tiny_cfg, mesh_cfg)
     assert len(sharded.embed_VxD[...].sharding.device_set) == 8
     assert generate(sharded, PROMPTS, NEW) == reference
+
+
+def test_rows_refill_as_answers_end(model):
+    # Seven prompts through two rows: a row whose answer ends takes the next prompt, over
+    # cache slots the last one wrote (they must stay invisible), and stopped rows stop early.
+    rng = np.random.default_rng(5)
+    prompts = [[1] + rng.integers(3, 200, n).tolist() for n in (4, 9, 1, 12, 6, 3, 14)]
+    free = [generate(model, [p], NEW)[0] for p in prompts]
+    stop = max(set(free[0]), key=lambda t: sum(t in f for f in free) < len(free))
+    alone = [generate(model, [p], NEW, eos_ids=(stop,))[0] for p in prompts]
+    assert 0 < min(map(len, alone)) and len(set(map(len, alone))) > 1
+    assert generate(model, prompts, NEW, eos_ids=(stop,), rows=2) == alone
+    assert generate(model, prompts, NEW, eos_ids=(stop,), rows=4) == alone
+    assert group_size(4, 7) == 1 and group_size(25, 100) == 5 and group_size(8, 3) == 8
 
 
 def test_left_pad_positions_start_at_each_prompt():

@@ -1,0 +1,197 @@
+"""The jitted decoder behind `jaxft.generate`: a fixed set of rows, each decoding one prompt at
+a time, refilled with the next prompts as their answers finish (continuous batching), so short
+answers do not wait for the longest one of a batch.
+
+Every row's cache has one layout: its prompt (what follows the shared prefix) left-padded into
+slots [0, P), its i-th new token at slot P + i. Per row the decoder keeps the next position,
+the count of tokens generated, whether it is done, and the logits of its next token.
+
+The host loop fills rows G at a time (one prefill of G rows, G dividing the row count), then
+decodes until at least G more rows are done, collects them and refills them. The decode loop
+compiles once; a fill compiles per prompt width (multiples of 16). Each row's arithmetic is
+that of its prompt decoded alone, whichever rows run beside it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from functools import partial
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxft import kvcache, sharding
+from jaxft.kvcache import Static
+
+
+def sample_logits(key, logits_BxV: jax.Array, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """Next token per row: argmax when temperature is 0, else a draw from the tempered
+    distribution cut to the top_k most likely tokens (0: all) and then to the smallest set
+    whose probability reaches top_p. The three settings are Python values (static under jit)."""
+    if temperature <= 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+    neg = jnp.finfo(jnp.float32).min
+    if top_k > 0 or top_p < 1.0:
+        v = logits_BxV.shape[-1]
+        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
+        keep_BxV = jnp.broadcast_to(jnp.arange(v) < (top_k if top_k > 0 else v), sorted_BxV.shape)
+        sorted_BxV = jnp.where(keep_BxV, sorted_BxV, neg)
+        if top_p < 1.0:
+            p_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+            # Keep a token while the mass before it is still short of top_p: the first token
+            # always stays, and so does the one that crosses the threshold.
+            before_BxV = jnp.cumsum(p_BxV, axis=-1) - p_BxV
+            keep_BxV = keep_BxV & (before_BxV < top_p)
+        n_keep_B = jnp.sum(keep_BxV, axis=-1)
+        cutoff_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
+        logits_BxV = jnp.where(logits_BxV >= cutoff_B, logits_BxV, neg)
+    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int):
+    """ids, positions and segment ids `[rows, length]`, each prompt right-aligned; rows past
+    len(prompts) are filler that repeat the first prompt's first token."""
+    ids = np.zeros((rows, length), np.int32)
+    seg = np.zeros((rows, length), np.int32)
+    pos = np.zeros((rows, length), np.int32)
+    for r in range(rows):
+        p = prompts[r] if r < len(prompts) else prompts[0][:1]
+        n = len(p)
+        ids[r, length - n:] = p
+        seg[r, length - n:] = 1
+        pos[r, length - n:] = np.arange(n)
+    return ids, pos, seg
+
+
+class Rows(NamedTuple):
+    """The decoder's state, carried on the device from call to call."""
+    cache: kvcache.RowCache  # k, v [N, B, K, S, E]; ok [B, S]
+    logits_BxV: jax.Array    # the next token's logits
+    pos_B: jax.Array         # the next token's position
+    gen_B: jax.Array         # tokens generated so far
+    done_B: jax.Array        # stopped, or free
+    out_BxT: jax.Array       # tokens generated, -1 past the end
+    step: jax.Array          # decode steps run since the first fill (the sampling key's index)
+
+
+def group_size(rows: int, prompts: int) -> int:
+    """Rows filled at once: all of them when every prompt fits, else the largest divisor of
+    the row count up to a quarter of it (a refill waits for that many rows to finish)."""
+    if prompts <= rows:
+        return rows
+    return max(g for g in range(1, -(-rows // 4) + 1) if rows % g == 0)
+
+
+def empty_rows(model, b: int, s: int, t: int, mesh) -> Rows:
+    """Every row free: a zero cache of S slots and room for T new tokens."""
+    cfg = model.cfg
+    shape = (cfg.n_layers, b, cfg.n_kv_heads, s, cfg.head_size)
+    k, v = (jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(2))
+    if mesh is not None:  # cache rows follow the batch; kv heads follow the tensor axis
+        axes = ("layers", "batch", "kv_heads", "length", "head_dim")
+        kv = NamedSharding(mesh, sharding.spec(axes, shape, mesh))
+        k, v = jax.device_put(k, kv), jax.device_put(v, kv)
+    # Distinct buffers throughout: the state is donated to each call.
+    return Rows(kvcache.RowCache(k, v, jnp.zeros((b, s), bool)),
+                jnp.zeros((b, cfg.vocab_size), jnp.float32), jnp.zeros((b,), jnp.int32),
+                jnp.zeros((b,), jnp.int32),
+                jnp.ones((b,), bool), jnp.full((b, t), -1, jnp.int32), jnp.int32(0))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "p"), donate_argnames=("rows",))
+def _fill(graphdef, state, prefix_k, prefix_v, rows: Rows, at_G, ids_GxL, valid_GxL, live_G, *,
+          p: int) -> Rows:
+    """Prefill G prompts (left-padded to L <= p) into rows `at_G`, right-aligned in their
+    first p slots; rows not `live_G` stay free. Compiled per L: short prompts prefill short."""
+    model = nnx.merge(graphdef.graphdef, state)
+    prefix = kvcache.Prefix((), prefix_k, prefix_v)
+    lo = p - ids_GxL.shape[1]
+    pos_GxL = prefix_k.shape[2] + jnp.maximum(jnp.cumsum(valid_GxL, axis=1) - 1, 0)
+    h_GxLxD, k_new, v_new = kvcache.forward(model, ids_GxL, pos_GxL, kvcache.causal_ok(valid_GxL),
+                                            prefix)
+    c = rows.cache
+    ok_GxS = jnp.zeros((len(live_G), c.ok_BxS.shape[1]), bool).at[:, lo:p].set(valid_GxL)
+    cache = kvcache.RowCache(c.k.at[:, at_G, :, lo:p].set(k_new.astype(c.k.dtype)),
+                             c.v.at[:, at_G, :, lo:p].set(v_new.astype(c.v.dtype)),
+                             c.ok_BxS.at[at_G].set(ok_GxS))
+    # Only the last position's logits are needed, never the full [G, L, V].
+    return rows._replace(
+        cache=cache, logits_BxV=rows.logits_BxV.at[at_G].set(model.logits(h_GxLxD[:, -1:])[:, 0]),
+        pos_B=rows.pos_B.at[at_G].set(pos_GxL[:, -1] + 1), gen_B=rows.gen_B.at[at_G].set(0),
+        done_B=rows.done_B.at[at_G].set(~live_G), out_BxT=rows.out_BxT.at[at_G].set(-1))
+
+
+def _step(model, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key, max_new, sampling):
+    """One token for every row still going; a done row's slot writes are dropped."""
+    b = rows.done_B.shape[0]
+    tok_B = sample_logits(jax.random.fold_in(key, rows.step), rows.logits_BxV, *sampling)
+    tok_B = jnp.where(rows.done_B, -1, tok_B)  # -1 marks "already finished"
+    b_B, gen_B = jnp.arange(b), rows.gen_B
+    t_B = jnp.where(rows.done_B, rows.out_BxT.shape[1], gen_B)  # out of range: dropped
+    out_BxT = rows.out_BxT.at[b_B, t_B].set(tok_B, mode="drop")
+    h_Bx1xD, k1, v1 = kvcache.forward(model, jnp.maximum(tok_B, 0)[:, None], rows.pos_B[:, None],
+                                      jnp.ones((b, 1, 1), bool), prefix, rows.cache)
+    slot_B = jnp.where(rows.done_B, rows.cache.ok_BxS.shape[1], p + gen_B)
+    c = rows.cache
+    # Advanced indices on axes 1 and 3: the update is laid out [B, N, K, E].
+    k_BxNxKxE, v_BxNxKxE = (x[:, :, :, 0].transpose(1, 0, 2, 3) for x in (k1, v1))
+    cache = kvcache.RowCache(
+        c.k.at[:, b_B, :, slot_B].set(k_BxNxKxE.astype(c.k.dtype), mode="drop"),
+        c.v.at[:, b_B, :, slot_B].set(v_BxNxKxE.astype(c.v.dtype), mode="drop"),
+        c.ok_BxS.at[b_B, slot_B].set(True, mode="drop"))
+    gen_B = gen_B + ~rows.done_B
+    done_B = rows.done_B | jnp.isin(tok_B, stop_T) | (gen_B >= max_new)
+    return Rows(cache, model.logits(h_Bx1xD)[:, 0], rows.pos_B + 1, gen_B, done_B, out_BxT,
+                rows.step + 1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "p", "sampling"), donate_argnames=("rows",))
+def _decode(graphdef, state, prefix_k, prefix_v, rows: Rows, stop_T, key, max_new, want, *,
+            p: int, sampling):
+    """Decode until at least `want` rows are done, or all are."""
+    model = nnx.merge(graphdef.graphdef, state)
+    prefix = kvcache.Prefix((), prefix_k, prefix_v)
+
+    def cond(r: Rows):
+        return (jnp.sum(r.done_B) < want) & ~jnp.all(r.done_B)
+
+    return jax.lax.while_loop(
+        cond, lambda r: _step(model, prefix, r, p, stop_T, key, max_new, sampling), rows)
+
+
+def decode(model, own: list[list[int]], prefix: kvcache.Prefix, *, rows: int, p: int, t: int,
+           stop_T: np.ndarray, key, max_new: int, sampling: tuple, mesh) -> list[np.ndarray]:
+    """The new tokens `[t]` (-1 past the end) of each prompt in `own` (the tokens after the
+    prefix, each at most p long), decoded `rows` at a time."""
+    g = group_size(rows, len(own))
+    state_rows = empty_rows(model, rows, p + t, t, mesh)
+    graphdef, state = nnx.split(model)
+    common = (Static(graphdef), state, prefix.k_NxKxPxE, prefix.v_NxKxPxE)
+    queue, owner, free = deque(range(len(own))), [-1] * rows, list(range(rows))
+    results: list[np.ndarray | None] = [None] * len(own)
+    while True:
+        while queue and len(free) >= g:
+            at, take = free[:g], [queue.popleft() for _ in range(min(g, len(queue)))]
+            free = free[g:] + at[len(take):]  # filler rows of a last, short group stay free
+            for r, i in zip(at, take):
+                owner[r] = i
+            # Prompt slots padded to a multiple of 16: a few compiles, little wasted prefill.
+            width = min(p, -(-max(len(own[i]) for i in take) // 16) * 16)
+            ids, _, seg = left_pad([own[i] for i in take], g, width)
+            state_rows = _fill(*common, state_rows, np.asarray(at, np.int32), ids,
+                               seg.astype(bool), np.arange(g) < len(take), p=p)
+        want = min(rows, len(free) + g) if queue else rows  # g more rows free, or all
+        state_rows = _decode(*common, state_rows, jnp.asarray(stop_T), key, jnp.int32(max_new),
+                             jnp.int32(want), p=p, sampling=sampling)
+        done, out = jax.device_get((state_rows.done_B, state_rows.out_BxT))
+        for r in range(rows):
+            if owner[r] >= 0 and done[r]:
+                results[owner[r]], owner[r] = out[r], -1
+                free.append(r)
+        if not queue and all(o < 0 for o in owner):
+            return results
