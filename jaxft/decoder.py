@@ -136,8 +136,8 @@ def _step(model, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key, max_ne
     out_BxT = rows.out_BxT.at[b_B, t_B].set(tok_B, mode="drop")
     h_Bx1xD, k1, v1 = kvcache.forward(model, jnp.maximum(tok_B, 0)[:, None], rows.pos_B[:, None],
                                       jnp.ones((b, 1, 1), bool), prefix, rows.cache)
-    slot_B = jnp.where(rows.done_B, rows.cache.ok_BxS.shape[1], p + gen_B)
     c = rows.cache
+    slot_B = jnp.where(rows.done_B, c.ok_BxS.shape[1], p + gen_B)
     # Advanced indices on axes 1 and 3: the update is laid out [B, N, K, E].
     k_BxNxKxE, v_BxNxKxE = (x[:, :, :, 0].transpose(1, 0, 2, 3) for x in (k1, v1))
     cache = kvcache.RowCache(

@@ -95,7 +95,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
     `kvcache.prefill_prefix`) is a start every prompt shares, prefilled once. `rows` prompts
     decode at once (default: all of them, padded to a bucket); with fewer rows than prompts,
     a row whose answer ends takes the next prompt (`jaxft.decoder`). `prompt_len` (after the
-    prefix) pads every prompt to at least that length."""
+    prefix) reserves at least that many prompt slots per row; each fill still prefills only
+    as wide as its own longest prompt."""
     _check_prompts(model, prompts, max_new_tokens)
     stop = sorted(set(eos_ids) | set(stop_ids or ()))
     mesh = _model_mesh(model)
