@@ -126,7 +126,8 @@ def _fill(graphdef, state, prefix_k, prefix_v, rows: Rows, at_G, ids_GxL, valid_
         done_B=rows.done_B.at[at_G].set(~live_G), out_BxT=rows.out_BxT.at[at_G].set(-1))
 
 
-def _step(model, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key, max_new, sampling):
+def _step(model, layers, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key, max_new,
+          sampling):
     """One token for every row still going; a done row's slot writes are dropped."""
     b = rows.done_B.shape[0]
     tok_B = sample_logits(jax.random.fold_in(key, rows.step), rows.logits_BxV, *sampling)
@@ -135,7 +136,7 @@ def _step(model, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key, max_ne
     t_B = jnp.where(rows.done_B, rows.out_BxT.shape[1], gen_B)  # out of range: dropped
     out_BxT = rows.out_BxT.at[b_B, t_B].set(tok_B, mode="drop")
     h_Bx1xD, k1, v1 = kvcache.forward(model, jnp.maximum(tok_B, 0)[:, None], rows.pos_B[:, None],
-                                      jnp.ones((b, 1, 1), bool), prefix, rows.cache)
+                                      jnp.ones((b, 1, 1), bool), prefix, rows.cache, layers)
     c = rows.cache
     slot_B = jnp.where(rows.done_B, c.ok_BxS.shape[1], p + gen_B)
     # Advanced indices on axes 1 and 3: the update is laid out [B, N, K, E].
@@ -151,9 +152,10 @@ def _step(model, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key, max_ne
 
 
 @partial(jax.jit, static_argnames=("graphdef", "p", "sampling"), donate_argnames=("rows",))
-def _decode(graphdef, state, prefix_k, prefix_v, rows: Rows, stop_T, key, max_new, want, *,
-            p: int, sampling):
-    """Decode until at least `want` rows are done, or all are."""
+def _decode(graphdef, state, prefix_k, prefix_v, rows: Rows, stop_T, key, max_new, want, layers,
+            *, p: int, sampling):
+    """Decode until at least `want` rows are done, or all are. `layers`: the layer weights as
+    `kvcache.layer_views` gives them, or None to scan the model's stacked weights."""
     model = nnx.merge(graphdef.graphdef, state)
     prefix = kvcache.Prefix((), prefix_k, prefix_v)
 
@@ -161,7 +163,7 @@ def _decode(graphdef, state, prefix_k, prefix_v, rows: Rows, stop_T, key, max_ne
         return (jnp.sum(r.done_B) < want) & ~jnp.all(r.done_B)
 
     return jax.lax.while_loop(
-        cond, lambda r: _step(model, prefix, r, p, stop_T, key, max_new, sampling), rows)
+        cond, lambda r: _step(model, layers, prefix, r, p, stop_T, key, max_new, sampling), rows)
 
 
 def decode(model, own: list[list[int]], prefix: kvcache.Prefix, *, rows: int, p: int, t: int,
@@ -172,6 +174,7 @@ def decode(model, own: list[list[int]], prefix: kvcache.Prefix, *, rows: int, p:
     state_rows = empty_rows(model, rows, p + t, t, mesh)
     graphdef, state = nnx.split(model)
     common = (Static(graphdef), state, prefix.k_NxKxPxE, prefix.v_NxKxPxE)
+    layers = kvcache.layer_views(model)  # the fills' big matmuls do not need them
     queue, owner, free = deque(range(len(own))), [-1] * rows, list(range(rows))
     results: list[np.ndarray | None] = [None] * len(own)
     while True:
@@ -187,7 +190,7 @@ def decode(model, own: list[list[int]], prefix: kvcache.Prefix, *, rows: int, p:
                                seg.astype(bool), np.arange(g) < len(take), p=p)
         want = min(rows, len(free) + g) if queue else rows  # g more rows free, or all
         state_rows = _decode(*common, state_rows, jnp.asarray(stop_T), key, jnp.int32(max_new),
-                             jnp.int32(want), p=p, sampling=sampling)
+                             jnp.int32(want), layers, p=p, sampling=sampling)
         done, out = jax.device_get((state_rows.done_B, state_rows.out_BxT))
         for r in range(rows):
             if owner[r] >= 0 and done[r]:

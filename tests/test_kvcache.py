@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxft.generate import MIN_PREFIX, generate, generate_no_cache, generate_text, shared_prefix
+from jaxft import kvcache
 from jaxft.kvcache import prefill_prefix
 from jaxft.model import Llama
 from jaxft.templates import get_template
@@ -39,6 +40,18 @@ def test_padded_rows_and_prompt_length_change_nothing(model, plain):
     prefix = prefill_prefix(model, HEAD[:40])  # a shorter prefix than the common start
     got = generate(model, PROMPTS[:3], NEW, prefix=prefix, rows=6, prompt_len=40)
     assert got == plain[:3]
+
+
+def test_layer_views_share_the_weights_and_decode_the_same(model, plain, monkeypatch):
+    views = kvcache.layer_views(model)
+    stacked = model.blocks.mlp.w_up_DxF[...]
+    step = stacked[0].nbytes
+    assert len(views) == model.cfg.n_layers
+    assert [v.mlp.w_up_DxF[...].unsafe_buffer_pointer() - stacked.unsafe_buffer_pointer()
+            for v in views] == [i * step for i in range(len(views))]  # no copies
+    np.testing.assert_array_equal(np.asarray(views[1].mlp.w_up_DxF[...]), np.asarray(stacked[1]))
+    monkeypatch.setattr(kvcache, "layer_views", lambda m: None)  # the scan over stacked weights
+    assert generate(model, PROMPTS, NEW) == plain
 
 
 def test_prompt_without_the_prefix_is_refused(model):
