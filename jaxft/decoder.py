@@ -33,7 +33,7 @@ def sample_logits(key, logits_BxV: jax.Array, temperature: float = 0.0, top_k: i
     distribution cut to the top_k most likely tokens (0: all) and then to the smallest set
     whose probability reaches top_p. The three settings are Python values (static under jit)."""
     if temperature <= 0.0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        return greedy(logits_BxV)
     logits_BxV = logits_BxV.astype(jnp.float32) / temperature
     neg = jnp.finfo(jnp.float32).min
     if top_k > 0 or top_p < 1.0:
@@ -51,6 +51,19 @@ def sample_logits(key, logits_BxV: jax.Array, temperature: float = 0.0, top_k: i
         cutoff_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
         logits_BxV = jnp.where(logits_BxV >= cutoff_B, logits_BxV, neg)
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def greedy(logits_BxV: jax.Array) -> jax.Array:
+    """`argmax` over the last axis (the first of tied maxima; a NaN wins, as in jnp.argmax) as a
+    max and a min-index pass: XLA's CPU argmax, one fused (value, index) reduction, takes 4x as
+    long over a 49k vocab."""
+    v = logits_BxV.shape[-1]
+    i_V = jnp.arange(v, dtype=jnp.int32)
+    max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+    # A NaN's index is shifted below every other, so the minimum picks the first NaN if any.
+    key_BxV = jnp.where(jnp.isnan(logits_BxV), i_V - v, jnp.where(logits_BxV == max_Bx1, i_V, v))
+    first_B = jnp.min(key_BxV, axis=-1)
+    return jnp.where(first_B < 0, first_B + v, first_B)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int):

@@ -193,3 +193,8 @@ def test_top_k_top_p_respected(kw, allowed):
 def test_greedy_is_argmax():
     logits = jnp.asarray([[0.1, 2.0, -1.0], [3.0, 2.9, 0.0]])
     assert sample_logits(jax.random.key(0), logits).tolist() == [1, 0]
+    # Ties go to the first maximum and a NaN wins, as with jnp.argmax, at a real vocab size.
+    big = jax.random.normal(jax.random.key(1), (4, 49152))
+    big = big.at[:, 9].set(big.max()).at[:, 40000].set(big.max()).at[2, 30000].set(jnp.nan)
+    got = sample_logits(jax.random.key(0), big)
+    assert got.tolist() == np.asarray(jnp.argmax(big, axis=-1)).tolist() == [9, 9, 30000, 9]
