@@ -83,7 +83,7 @@ def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int):
 
 class Rows(NamedTuple):
     """The decoder's state, carried on the device from call to call."""
-    cache: kvcache.RowCache  # k, v [N, B, K, S, E]; ok [B, S]
+    cache: kvcache.RowCache  # k, v: N arrays [B, K, S, E]; ok [B, S]
     logits_BxV: jax.Array    # the next token's logits
     pos_B: jax.Array         # the next token's position
     gen_B: jax.Array         # tokens generated so far
@@ -103,13 +103,14 @@ def group_size(rows: int, prompts: int) -> int:
 def empty_rows(model, b: int, s: int, t: int, mesh) -> Rows:
     """Every row free: a zero cache of S slots and room for T new tokens."""
     cfg = model.cfg
-    shape = (cfg.n_layers, b, cfg.n_kv_heads, s, cfg.head_size)
-    k, v = (jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(2))
+    shape = (b, cfg.n_kv_heads, s, cfg.head_size)
+    kv = None
     if mesh is not None:  # cache rows follow the batch; kv heads follow the tensor axis
-        axes = ("layers", "batch", "kv_heads", "length", "head_dim")
+        axes = ("batch", "kv_heads", "length", "head_dim")
         kv = NamedSharding(mesh, sharding.spec(axes, shape, mesh))
-        k, v = jax.device_put(k, kv), jax.device_put(v, kv)
     # Distinct buffers throughout: the state is donated to each call.
+    k, v = (tuple(jax.device_put(jnp.zeros(shape, jnp.dtype(cfg.dtype)), kv)
+                  for _ in range(cfg.n_layers)) for _ in range(2))
     return Rows(kvcache.RowCache(k, v, jnp.zeros((b, s), bool)),
                 jnp.zeros((b, cfg.vocab_size), jnp.float32), jnp.zeros((b,), jnp.int32),
                 jnp.zeros((b,), jnp.int32),
@@ -129,9 +130,9 @@ def _fill(graphdef, state, prefix_k, prefix_v, rows: Rows, at_G, ids_GxL, valid_
                                             prefix)
     c = rows.cache
     ok_GxS = jnp.zeros((len(live_G), c.ok_BxS.shape[1]), bool).at[:, lo:p].set(valid_GxL)
-    cache = kvcache.RowCache(c.k.at[:, at_G, :, lo:p].set(k_new.astype(c.k.dtype)),
-                             c.v.at[:, at_G, :, lo:p].set(v_new.astype(c.v.dtype)),
-                             c.ok_BxS.at[at_G].set(ok_GxS))
+    k, v = (tuple(x.at[at_G, :, lo:p].set(new[i].astype(x.dtype)) for i, x in enumerate(xs))
+            for xs, new in ((c.k, k_new), (c.v, v_new)))
+    cache = kvcache.RowCache(k, v, c.ok_BxS.at[at_G].set(ok_GxS))
     # Only the last position's logits are needed, never the full [G, L, V].
     return rows._replace(
         cache=cache, logits_BxV=rows.logits_BxV.at[at_G].set(model.logits(h_GxLxD[:, -1:])[:, 0]),
@@ -152,19 +153,21 @@ def _step(model, layers, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key
                                       jnp.ones((b, 1, 1), bool), prefix, rows.cache, layers)
     c = rows.cache
     slot_B = jnp.where(rows.done_B, c.ok_BxS.shape[1], p + gen_B)
-    # Advanced indices on axes 1 and 3: the update is laid out [B, N, K, E].
-    k_BxNxKxE, v_BxNxKxE = (x[:, :, :, 0].transpose(1, 0, 2, 3) for x in (k1, v1))
-    cache = kvcache.RowCache(
-        c.k.at[:, b_B, :, slot_B].set(k_BxNxKxE.astype(c.k.dtype), mode="drop"),
-        c.v.at[:, b_B, :, slot_B].set(v_BxNxKxE.astype(c.v.dtype), mode="drop"),
-        c.ok_BxS.at[b_B, slot_B].set(True, mode="drop"))
+    # Advanced indices on axes 0 and 2: each layer's update is laid out [B, K, E].
+    k, v = (tuple(x.at[b_B, :, slot_B].set(new[i, :, :, 0].astype(x.dtype), mode="drop")
+                  for i, x in enumerate(xs)) for xs, new in ((c.k, k1), (c.v, v1)))
+    cache = kvcache.RowCache(k, v, c.ok_BxS.at[b_B, slot_B].set(True, mode="drop"))
     gen_B = gen_B + ~rows.done_B
     done_B = rows.done_B | jnp.isin(tok_B, stop_T) | (gen_B >= max_new)
     return Rows(cache, model.logits(h_Bx1xD)[:, 0], rows.pos_B + 1, gen_B, done_B, out_BxT,
                 rows.step + 1)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "p", "sampling"), donate_argnames=("rows",))
+# XLA:CPU's default copy insertion copies the loop-carried cache twice per step (it cannot
+# tell that attention's reads come before the slot writes); its region analysis can, and the
+# writes then happen in place (measured in bench/RESULTS.md). Other backends ignore the flag.
+@partial(jax.jit, static_argnames=("graphdef", "p", "sampling"), donate_argnames=("rows",),
+         compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True})
 def _decode(graphdef, state, prefix_k, prefix_v, rows: Rows, stop_T, key, max_new, want, layers,
             *, p: int, sampling):
     """Decode until at least `want` rows are done, or all are. `layers`: the layer weights as

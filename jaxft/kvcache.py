@@ -4,9 +4,10 @@ per row that the decode loop writes one slot at a time.
 Why not `Llama.hidden` with its cache: there the cache goes through the layer scan as xs and
 comes back as ys, so every decode step writes a fresh copy of the whole cache, and attention
 transposes each layer's keys and values to heads-first again; at batch 32 with a 3-shot prompt
-that is ~3 GB of memory traffic a step against 0.54 GB of weights. Here caches are stored
-heads-first (`[N, B, K, S, E]`) and are read-only inside the layer scan; the step's new keys
-and values (one slot per row) come out of the scan and are written in place after it.
+that is ~3 GB of memory traffic a step against 0.54 GB of weights. Here a decode step runs the
+layers unrolled, each reading its own heads-first cache arrays (`[B, K, S, E]` per layer) and,
+on the CPU, its own weight arrays (`layer_views`), so nothing is sliced out of a stack and
+copied; the step's new keys and values (one slot per row) are written in place after it.
 
 The shared prefix (few-shot examples, a fixed instruction) is prefilled once for a single row,
 `[N, K, P, E]`, and every row's queries attend to it with one batched matmul over the heads.
@@ -40,9 +41,11 @@ class Prefix(NamedTuple):
 
 
 class RowCache(NamedTuple):
-    """Per-row keys/values `[N, B, K, S, E]` and which slots hold a real token `[B, S]`."""
-    k: jax.Array
-    v: jax.Array
+    """Per-row keys and values, one array `[B, K, S, E]` per layer (a decode step reads and
+    writes each layer's own buffer: no slices of a stacked cache, no copies of it), and which
+    slots hold a real token `[B, S]`."""
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     ok_BxS: jax.Array
 
 
@@ -151,33 +154,34 @@ def layer_views(model) -> tuple | None:
 def forward(model, ids_BxL, pos_BxL, self_ok_BxLxL, prefix: Prefix | None = None,
             row: RowCache | None = None, layers: tuple | None = None):
     """Final-norm hidden states `[B, L, D]` and this call's keys/values `[N, B, K, L, E]`.
-    With `layers` (from `layer_views`) the layers run one after another on their own arrays,
-    unrolled, instead of a scan over the stacked weights."""
+
+    A prefill (no `row`) scans the layers over the stacked weights. A decode step (with `row`)
+    runs them unrolled, each on its own cache arrays and on `layers[i]` (from `layer_views`)
+    or, without those, on a slice of the stacked weights."""
     cfg, dt = model.cfg, jnp.dtype(model.cfg.dtype)
     sin, cos = rope_sin_cos(pos_BxL, rope_inv_freq(cfg))
     x_BxLxD = model.embed_VxD[...].astype(dt)[ids_BxL]
     graphdef, block_state = nnx.split(model.blocks)
     pre = None if prefix is None else (prefix.k_NxKxPxE, prefix.v_NxKxPxE)
-    rows = None if row is None else (row.k, row.v)
 
-    def layer(x, xs):
-        state, pre_kv, row_kv = xs
-        row_l = None if row_kv is None else (*row_kv, row.ok_BxS)
-        x, k, v = _block(nnx.merge(graphdef, state), x, sin, cos, self_ok_BxLxL, pre_kv, row_l)
-        return x, (k, v)
+    def layer(x, state, pre_kv, row_l):
+        return _block(nnx.merge(graphdef, state), x, sin, cos, self_ok_BxLxL, pre_kv, row_l)
 
-    if layers is None:
-        x_BxLxD, (k_new, v_new) = jax.lax.scan(layer, x_BxLxD, (block_state, pre, rows))
-    else:
-        def at(kv, i):
-            return None if kv is None else (kv[0][i], kv[1][i])
+    if row is None:
+        def scanned(x, xs):
+            x, k, v = layer(x, *xs, None)
+            return x, (k, v)
 
-        kvs = []
-        for i, state in enumerate(layers):
-            x_BxLxD, kv = layer(x_BxLxD, (state, at(pre, i), at(rows, i)))
-            kvs.append(kv)
-        k_new, v_new = (jnp.stack(t) for t in zip(*kvs))
-    return model.final_norm(x_BxLxD), k_new, v_new
+        x_BxLxD, (k_new, v_new) = jax.lax.scan(scanned, x_BxLxD, (block_state, pre))
+        return model.final_norm(x_BxLxD), k_new, v_new
+    ks, vs = [], []
+    for i in range(cfg.n_layers):
+        state = layers[i] if layers is not None else jax.tree.map(lambda w: w[i], block_state)
+        pre_kv = None if pre is None else (pre[0][i], pre[1][i])
+        x_BxLxD, k, v = layer(x_BxLxD, state, pre_kv, (row.k[i], row.v[i], row.ok_BxS))
+        ks.append(k)
+        vs.append(v)
+    return model.final_norm(x_BxLxD), jnp.stack(ks), jnp.stack(vs)
 
 
 def causal_ok(valid_BxL) -> jax.Array:

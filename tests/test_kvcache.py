@@ -1,13 +1,16 @@
 """The decoder's shared-prefix cache and batching: the same tokens as without them, and as
 recomputing the whole sequence every step."""
 import dataclasses
+import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from jaxft import decoder, kvcache
 from jaxft.generate import MIN_PREFIX, generate, generate_no_cache, generate_text, shared_prefix
-from jaxft import kvcache
 from jaxft.kvcache import prefill_prefix
 from jaxft.model import Llama
 from jaxft.templates import get_template
@@ -52,6 +55,22 @@ def test_layer_views_share_the_weights_and_decode_the_same(model, plain, monkeyp
     np.testing.assert_array_equal(np.asarray(views[1].mlp.w_up_DxF[...]), np.asarray(stacked[1]))
     monkeypatch.setattr(kvcache, "layer_views", lambda m: None)  # the scan over stacked weights
     assert generate(model, PROMPTS, NEW) == plain
+
+
+def test_decode_step_writes_the_cache_in_place(model):
+    """The compiled decode loop holds no copy of any layer's cache: the slot writes are in
+    place (a copy per step would move the whole cache twice, every token)."""
+    cfg, b, s = model.cfg, 3, 48
+    rows = decoder.empty_rows(model, b, s, 16, None)
+    graphdef, state = nnx.split(model)
+    prefix = prefill_prefix(model, [])
+    hlo = decoder._decode.lower(
+        kvcache.Static(graphdef), state, prefix.k_NxKxPxE, prefix.v_NxKxPxE, rows,
+        jnp.zeros(8, jnp.int32), jax.random.key(0), jnp.int32(16), jnp.int32(b),
+        kvcache.layer_views(model), p=32, sampling=(0.0, 0, 1.0)).compile().as_text()
+    layer_cache = rf"f32\[{b},{cfg.n_kv_heads},{s},{cfg.head_size}\]"
+    assert re.findall(rf"= {layer_cache}\S* (?:dynamic-update-slice|fusion)\(", hlo)  # the writes
+    assert not re.findall(rf"= {layer_cache}\S* copy\(", hlo)
 
 
 def test_prompt_without_the_prefix_is_refused(model):
