@@ -171,7 +171,7 @@ def _step(model, layers, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key
 def _decode(graphdef, state, prefix_k, prefix_v, rows: Rows, stop_T, key, max_new, want, layers,
             *, p: int, sampling):
     """Decode until at least `want` rows are done, or all are. `layers`: the layer weights as
-    `kvcache.layer_views` gives them, or None to scan the model's stacked weights."""
+    `kvcache.layer_views` gives them, or None to slice them from the model's stacked weights."""
     model = nnx.merge(graphdef.graphdef, state)
     prefix = kvcache.Prefix((), prefix_k, prefix_v)
 
