@@ -138,8 +138,8 @@ def layer_views(model) -> tuple | None:
     """Each layer's weights as arrays of their own that share the stacked buffers (no copy), or
     None where that is not possible (weights sharded over devices, or not on the CPU).
 
-    Why: inside the layer scan XLA's CPU backend copies each layer's slice of the stacked
-    weights before its matmuls. A token step at small batch is bound by reading the weights
+    Why: XLA's CPU backend copies a layer's slice of the stacked weights (in a scan or
+    unrolled) before its matmuls. A token step at small batch is bound by reading the weights
     once, and the copy roughly doubles that traffic (measured in bench/RESULTS.md)."""
     _, state = nnx.split(model.blocks)
     devices = {d for x in jax.tree.leaves(state) for d in x.sharding.device_set}

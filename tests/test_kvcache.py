@@ -53,7 +53,7 @@ def test_layer_views_share_the_weights_and_decode_the_same(model, plain, monkeyp
     assert [v.mlp.w_up_DxF[...].unsafe_buffer_pointer() - stacked.unsafe_buffer_pointer()
             for v in views] == [i * step for i in range(len(views))]  # no copies
     np.testing.assert_array_equal(np.asarray(views[1].mlp.w_up_DxF[...]), np.asarray(stacked[1]))
-    monkeypatch.setattr(kvcache, "layer_views", lambda m: None)  # the scan over stacked weights
+    monkeypatch.setattr(kvcache, "layer_views", lambda m: None)  # slices of the stacked weights
     assert generate(model, PROMPTS, NEW) == plain
 
 
