@@ -5,7 +5,8 @@
 - `attention`: grouped-query softmax attention; training's causal, segment-masked path runs in
   query blocks with a flash-style backward (only the row log-sum-exp is saved);
 - `token_nll` and `head_loss_sum`: cross-entropy with a fused softmax-minus-one-hot backward,
-  and the LM head fused with the loss in token chunks (the CPU path).
+  and the LM head fused with the loss in token chunks that skip tokens out of the loss (the
+  CPU path).
 
 Shape letters are those of `jaxft.model` (B L S D H K G E F V N); M is tokens (B * L) and
 C a chunk of them, I and O a matmul's input and output widths.
@@ -13,6 +14,7 @@ C a chunk of them, I and O a matmul's input and output widths.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -220,43 +222,73 @@ def _nll_bwd(res, ct_BxL):
 token_nll.defvjp(_nll_fwd, _nll_bwd)
 
 
-def _chunks(b: int, l: int) -> list[tuple[int, int]]:
-    size = max(1, TOKENS_PER_CHUNK // b, -(-l // MAX_CHUNKS))
-    return [(lo, min(lo + size, l)) for lo in range(0, l, size)]
+def _chunks(m: int) -> list[tuple[int, int]]:
+    size = max(1, TOKENS_PER_CHUNK, -(-m // MAX_CHUNKS))
+    return [(lo, min(lo + size, m)) for lo in range(0, m, size)]
 
 
-def _chunk_logits(h_BxCxD, w_VxD):
-    return jnp.einsum("bcd,vd->bcv", h_BxCxD, w_VxD, preferred_element_type=jnp.float32)
+def _chunk_logits(h_CxD, w_VxD):
+    return jnp.einsum("cd,vd->cv", h_CxD, w_VxD, preferred_element_type=jnp.float32)
+
+
+def _loss_tokens_first(h_BxLxD, targets_BxL, mask_BxL):
+    """The M = B*L tokens reordered so that those in the loss come first (stable), and how many
+    there are: chunks past them are skipped, so a masked prompt costs no LM head work."""
+    m_M = mask_BxL.reshape(-1).astype(jnp.float32)
+    order_M = jnp.argsort(m_M == 0, stable=True)
+    h_MxD = h_BxLxD.reshape(m_M.shape[0], -1)[order_M]
+    return order_M, h_MxD, targets_BxL.reshape(-1)[order_M], m_M[order_M], jnp.sum(m_M != 0)
+
+
+def _chunk_nll(h_CxD, w_VxD, t_C, m_C):
+    """(masked nll sum, the nll residuals, live rows) of one chunk. Rows out of the loss are
+    zeroed before the matmul, so whatever they hold (even NaN) reaches neither loss nor grads."""
+    live_C = m_C != 0
+    h_CxD = jnp.where(live_C[:, None], h_CxD, 0)
+    nll_C, res = _nll_fwd(_chunk_logits(h_CxD, w_VxD), t_C)
+    return jnp.sum(jnp.where(live_C, nll_C, 0) * m_C), res, h_CxD, live_C
 
 
 @jax.custom_vjp
 def head_loss_sum(h_BxLxD: jax.Array, w_VxD: jax.Array, targets_BxL: jax.Array,
                   mask_BxL: jax.Array) -> jax.Array:
     """sum over masked-in tokens of -log softmax(h @ w^T)[target], float32."""
-    b, l, _ = h_BxLxD.shape
-    m = mask_BxL.astype(jnp.float32)
+    _, h_MxD, t_M, m_M, n_live = _loss_tokens_first(h_BxLxD, targets_BxL, mask_BxL)
     total = jnp.float32(0)
-    for lo, hi in _chunks(b, l):
-        nll = token_nll(_chunk_logits(h_BxLxD[:, lo:hi], w_VxD), targets_BxL[:, lo:hi])
-        total = total + jnp.sum(nll * m[:, lo:hi])
+    for lo, hi in _chunks(t_M.shape[0]):
+        total = total + jax.lax.cond(
+            lo < n_live, lambda lo=lo, hi=hi: _chunk_nll(h_MxD[lo:hi], w_VxD, t_M[lo:hi],
+                                                         m_M[lo:hi])[0],
+            lambda: jnp.float32(0))
     return total
+
+
+def _chunk_grads(h_CxD, w_VxD, t_C, m_C, dw_DxV):
+    """One chunk's loss, its h gradient, and dw_DxV plus its w gradient (transposed)."""
+    total, (logits, lse, _), h_CxD, live_C = _chunk_nll(h_CxD, w_VxD, t_C, m_C)
+    # Rows out of the loss have finite logits (their h is zeroed), so the mask zeroes them.
+    g_CxV = (_softmax_minus_onehot(logits, lse, t_C) * m_C[:, None]).astype(h_CxD.dtype)
+    dh_CxD = jnp.dot(g_CxV, w_VxD, preferred_element_type=jnp.float32).astype(h_CxD.dtype)
+    return total, dh_CxD, dw_DxV + weight_grad(h_CxD, g_CxV)
 
 
 def _head_fwd(h_BxLxD, w_VxD, targets_BxL, mask_BxL):
     """The loss and, chunk by chunk, its gradients: the backward pass only scales them."""
     b, l, d = h_BxLxD.shape
-    m = mask_BxL.astype(jnp.float32)
+    order_M, h_MxD, t_M, m_M, n_live = _loss_tokens_first(h_BxLxD, targets_BxL, mask_BxL)
     total, dh = jnp.float32(0), []
     dw_DxV = jnp.zeros((d, w_VxD.shape[0]), jnp.float32)  # accumulated transposed: see weight_grad
-    for lo, hi in _chunks(b, l):
-        h_c, t_c, m_c = h_BxLxD[:, lo:hi], targets_BxL[:, lo:hi], m[:, lo:hi]
-        nll, (logits, lse, _) = _nll_fwd(_chunk_logits(h_c, w_VxD), t_c)
-        total = total + jnp.sum(nll * m_c)
-        g = (_softmax_minus_onehot(logits, lse, t_c) * m_c[..., None]).astype(h_BxLxD.dtype)
-        dh.append(jnp.einsum("bcv,vd->bcd", g, w_VxD,
-                             preferred_element_type=jnp.float32).astype(h_BxLxD.dtype))
-        dw_DxV = dw_DxV + weight_grad(h_c.reshape(-1, d), g.reshape(-1, g.shape[-1]))
-    return total, (jnp.concatenate(dh, axis=1), dw_DxV.T.astype(w_VxD.dtype))
+    for lo, hi in _chunks(t_M.shape[0]):
+        def skip(dw_DxV, n=hi - lo):
+            return jnp.float32(0), jnp.zeros((n, d), h_BxLxD.dtype), dw_DxV
+        live = functools.partial(_chunk_grads, h_MxD[lo:hi], w_VxD, t_M[lo:hi], m_M[lo:hi])
+        # The first chunk runs unconditionally: a batch with any loss at all needs it.
+        s, dh_CxD, dw_DxV = live(dw_DxV) if lo == 0 else jax.lax.cond(lo < n_live, live, skip,
+                                                                        dw_DxV)
+        total, dh = total + s, dh + [dh_CxD]
+    dh_MxD = jnp.concatenate(dh)
+    dh_BxLxD = jnp.zeros_like(dh_MxD).at[order_M].set(dh_MxD).reshape(b, l, d)
+    return total, (dh_BxLxD, dw_DxV.T.astype(w_VxD.dtype))
 
 
 def _head_bwd(res, ct):

@@ -89,25 +89,42 @@ def test_cross_entropy_gradient_matches_log_softmax():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_head_loss_matches_explicit_logits(dtype, monkeypatch):
+@pytest.mark.parametrize("live", ["random", "few"])
+def test_fused_head_loss_matches_explicit_logits(dtype, live, monkeypatch):
     """The chunked head+loss gives the loss and the h / w gradients of the plain logits path,
-    across several chunks and with masked-out tokens."""
-    monkeypatch.setattr(kernels, "TOKENS_PER_CHUNK", 8)  # 3 rows -> chunks of 2 tokens: 5 chunks
+    across several chunks and with masked-out tokens; with few tokens in the loss ("few") the
+    chunks past them are skipped, and what masked-out rows hold (NaN here) changes nothing."""
+    monkeypatch.setattr(kernels, "TOKENS_PER_CHUNK", 8)  # 27 tokens -> 4 chunks
+    computed = []  # one entry per chunk whose logits are computed, at run time
+    chunk_nll = kernels._chunk_nll
+
+    def counted(*args):
+        jax.debug.callback(lambda: computed.append(1))
+        return chunk_nll(*args)
+
+    monkeypatch.setattr(kernels, "_chunk_nll", counted)
     r = np.random.default_rng(2)
-    h = jnp.asarray(r.standard_normal((3, 9, 16)), dtype)
+    h = r.standard_normal((3, 9, 16))
     w = jnp.asarray(r.standard_normal((40, 16)) / 4, dtype)
     tgt = jnp.asarray(r.integers(0, 40, (3, 9)), jnp.int32)
-    mask = jnp.asarray(r.integers(0, 2, (3, 9)), jnp.int32)
-    assert len(kernels._chunks(3, 9)) == 5
+    mask = r.integers(0, 2, (3, 9)) if live == "random" else np.isin(np.arange(27), [4, 20, 26])
+    mask = jnp.asarray(mask.reshape(3, 9), jnp.int32)
+    assert len(kernels._chunks(27)) == 4
+    clean = jnp.asarray(h, dtype)
+    dirty = jnp.asarray(np.where(np.asarray(mask)[..., None] == 0, np.nan, h), dtype)
 
     def ref(h, w):
         logits = jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
         return xent_sum(logits, tgt, mask)[0]
 
-    want, (dh, dw) = jax.value_and_grad(ref, argnums=(0, 1))(h, w)
-    got, (gh, gw) = jax.value_and_grad(kernels.head_loss_sum, argnums=(0, 1))(h, w, tgt, mask)
+    want, (dh, dw) = jax.value_and_grad(ref, argnums=(0, 1))(clean, w)
+    loss = jax.jit(jax.value_and_grad(kernels.head_loss_sum, argnums=(0, 1)))
+    got, (gh, gw) = loss(dirty, w, tgt, mask)
+    jax.effects_barrier()
+    n_live = int(np.asarray(mask).sum())
+    assert len(computed) == -(-n_live // 8)  # the chunks past the live tokens are skipped
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_allclose(kernels.head_loss_sum(h, w, tgt, mask), want, rtol=1e-6)  # no-grad path
+    np.testing.assert_allclose(kernels.head_loss_sum(dirty, w, tgt, mask), want, rtol=1e-6)  # no-grad path
     assert gh.dtype == dtype and gw.dtype == dtype
     tol = 1e-6 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(gh, np.float32), np.asarray(dh, np.float32), atol=tol)
