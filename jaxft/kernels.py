@@ -234,10 +234,11 @@ def _chunk_logits(h_CxD, w_VxD):
 def _loss_tokens_first(h_BxLxD, targets_BxL, mask_BxL):
     """The M = B*L tokens reordered so that those in the loss come first (stable), and how many
     there are: chunks past them are skipped, so a masked prompt costs no LM head work."""
-    m_M = mask_BxL.reshape(-1).astype(jnp.float32)
+    m_M = jnp.asarray(mask_BxL).reshape(-1).astype(jnp.float32)
     order_M = jnp.argsort(m_M == 0, stable=True)
-    h_MxD = h_BxLxD.reshape(m_M.shape[0], -1)[order_M]
-    return order_M, h_MxD, targets_BxL.reshape(-1)[order_M], m_M[order_M], jnp.sum(m_M != 0)
+    h_MxD = jnp.asarray(h_BxLxD).reshape(m_M.shape[0], -1)[order_M]
+    t_M = jnp.asarray(targets_BxL).reshape(-1)[order_M]
+    return order_M, h_MxD, t_M, m_M[order_M], jnp.sum(m_M != 0)
 
 
 def _chunk_nll(h_CxD, w_VxD, t_C, m_C):
