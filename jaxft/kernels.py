@@ -257,10 +257,10 @@ def head_loss_sum(h_BxLxD: jax.Array, w_VxD: jax.Array, targets_BxL: jax.Array,
     _, h_MxD, t_M, m_M, n_live = _loss_tokens_first(h_BxLxD, targets_BxL, mask_BxL)
     total = jnp.float32(0)
     for lo, hi in _chunks(t_M.shape[0]):
-        total = total + jax.lax.cond(
-            lo < n_live, lambda lo=lo, hi=hi: _chunk_nll(h_MxD[lo:hi], w_VxD, t_M[lo:hi],
-                                                         m_M[lo:hi])[0],
-            lambda: jnp.float32(0))
+        live = functools.partial(_chunk_nll, h_MxD[lo:hi], w_VxD, t_M[lo:hi], m_M[lo:hi])
+        # As in _head_fwd, the first chunk runs unconditionally.
+        total = total + (live()[0] if lo == 0 else jax.lax.cond(
+            lo < n_live, lambda live=live: live()[0], lambda: jnp.float32(0)))
     return total
 
 
