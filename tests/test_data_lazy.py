@@ -115,7 +115,8 @@ def test_malformed_line_deep_in_a_file_names_file_and_line(tmp_path, data_root, 
     with pytest.raises(DataError, match=r"big\.jsonl:2701: malformed JSON .*reached this record"):
         src[2700]
     cfg = recipe("gsm8k", data_root, tok_dir, f"data.train_file={path}", "data.valid_file=x",
-                 "data.max_length=64", "data.batch_size=4", "data.worker_count=2")
+                 "data.max_length=64", "data.batch_size=4", "data.worker_count=2",
+                 "data.shards=1")
     loader = make_loader(cfg, build_tokenizer(cfg), open_split(cfg, "train"), train=True, **ONE)
     with pytest.raises(DataError, match=r"big\.jsonl:2701: malformed JSON"):
         take(iter(loader), 3000)  # raised in a worker, named in the trainer's process
@@ -200,7 +201,10 @@ def test_each_process_reads_only_its_shard(data_root, tok_dir):
 
 
 def test_workers_give_the_same_batches_and_resume(data_root, tok_dir):
-    cfg = recipe("tiny-viggo", data_root, tok_dir, "data.limit=40", "data.max_length=96")
+    # Two virtual shards, each with its own two workers (4 processes, not the 16 of one shard
+    # per row): the shards-with-workers path at an eighth of the start-up cost.
+    cfg = recipe("tiny-viggo", data_root, tok_dir, "data.limit=40", "data.max_length=96",
+                 "data.shards=2")
     tok = build_tokenizer(cfg)
     split = open_split(cfg, "train")
     plain = take(iter(make_loader(cfg, tok, split, train=True, **ONE)), 14)
