@@ -92,7 +92,15 @@ class Stages:
                           f"  {'total':<28}{sum(self.seconds.values()):>7.0f} s"])
 
 
-def main(argv=None) -> int:
+def train_config(args: argparse.Namespace, base: Path):
+    """The recipe with the demo's schedule; the val loss is taken mid-run and at the end."""
+    return load_config(CONFIG, [f"train.init={base}", f"train.steps={args.steps}",
+                                f"train.eval_every={max(1, -(-args.steps // 2))}",
+                                f"train.time_limit_s={args.minutes * 60}", f"optim.lr={args.lr}",
+                                *args.set])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxft.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--minutes", type=float, default=0.0,
@@ -107,7 +115,11 @@ def main(argv=None) -> int:
     p.add_argument("--shots", type=int, default=3, help="examples shown to the base model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training config override, as for `jaxft train` (repeatable)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     compile_cache.enable()
@@ -128,10 +140,7 @@ def main(argv=None) -> int:
                        train_records)
 
     run_dir = out / "train"
-    cfg = load_config(CONFIG, [f"train.init={base}", f"train.steps={args.steps}",
-                               f"train.eval_every={max(1, -(-args.steps // 2))}",
-                               f"train.time_limit_s={args.minutes * 60}", f"optim.lr={args.lr}",
-                               *args.set])
+    cfg = train_config(args, base)
     print(f"demo: fine-tuning all {cfg.model.n_layers}-layer SmolLM2 parameters for "
           f"{args.steps} steps -> {run_dir}", flush=True)
     with stage(f"fine-tune ({args.steps} steps)"):
