@@ -202,7 +202,7 @@ def test_each_process_reads_only_its_shard(data_root, tok_dir):
 
 def test_workers_give_the_same_batches_and_resume(data_root, tok_dir):
     # Two virtual shards, each with its own two workers (4 processes, not the 16 of one shard
-    # per row): the shards-with-workers path at an eighth of the start-up cost.
+    # per row): the shards-with-workers path at a quarter of the start-up cost.
     cfg = recipe("tiny-viggo", data_root, tok_dir, "data.limit=40", "data.max_length=96",
                  "data.shards=2")
     tok = build_tokenizer(cfg)
