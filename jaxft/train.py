@@ -236,6 +236,18 @@ def prepare(cfg: Config, run_dir: str | Path) -> Run:
     return r
 
 
+def eval_due(t, step: int) -> bool:
+    """Whether the loop takes a val loss after `step` (t: the train config)."""
+    return bool(t.eval_every) and step % t.eval_every == 0
+
+
+def eval_steps(t) -> list[int]:
+    """The steps a run that goes to the end takes a val loss at: every `eval_every`, and the
+    last step (`finish` evaluates there when the loop did not)."""
+    due = [s for s in range(1, t.steps + 1) if eval_due(t, s)]
+    return due + [t.steps] if t.eval_every and t.steps not in due else due
+
+
 def train_loop(r: Run, stop: threading.Event) -> str:
     """Steps until the run ends; returns why: done, early, time, sigterm or nan."""
     t = r.cfg.train
@@ -247,7 +259,7 @@ def train_loop(r: Run, stop: threading.Event) -> str:
         t_last = time.perf_counter()
         if not math.isfinite(loss):
             return "nan"
-        if t.eval_every and r.step % t.eval_every == 0:
+        if eval_due(t, r.step):
             r.evaluate()
             if t.patience and r.since_best >= t.patience:
                 return "early"

@@ -5,13 +5,11 @@ import pytest
 
 from jaxft.config import ConfigError
 from jaxft.demo import Stages, parse_args, train_config
+from jaxft.train import eval_steps
 
 
 def evals(cfg) -> list[int]:
-    """The steps at which the training loop takes a val loss (every eval_every, and the last)."""
-    steps = cfg.train.steps
-    every = [s for s in range(1, steps + 1) if s % cfg.train.eval_every == 0]
-    return every if every and every[-1] == steps else every + [steps]
+    return eval_steps(cfg.train)
 
 
 def test_default_schedule_is_55_steps_at_3e4_with_two_val_evals():
