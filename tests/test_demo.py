@@ -8,20 +8,16 @@ from jaxft.demo import Stages, parse_args, train_config
 from jaxft.train import eval_steps
 
 
-def evals(cfg) -> list[int]:
-    return eval_steps(cfg.train)
-
-
 def test_default_schedule_is_55_steps_at_3e4_with_two_val_evals():
     cfg = train_config(parse_args([]), Path("base"))
     assert (cfg.train.steps, cfg.optim.lr, cfg.train.init) == (55, 3e-4, "base")
-    assert evals(cfg) == [28, 55]
+    assert eval_steps(cfg.train) == [28, 55]
     assert cfg.train.time_limit_s == 0  # the step count bounds the run, not a clock
 
 
 @pytest.mark.parametrize("steps, want", [(40, [20, 40]), (75, [38, 75]), (1, [1])])
 def test_two_val_evals_for_any_step_count(steps, want):
-    assert evals(train_config(parse_args(["--steps", str(steps)]), Path("b"))) == want
+    assert eval_steps(train_config(parse_args(["--steps", str(steps)]), Path("b")).train) == want
 
 
 def test_lr_and_set_reach_the_training_config():
