@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3, help="cached rows: best of this many runs")
     ap.add_argument("--skip-no-cache", action="store_true", help="skip the two slow no-cache rows")
+    ap.add_argument("--draft", type=int, default=0, metavar="K",
+                    help="also time K prompt-lookup drafts a pass: jaxft's, and HF's "
+                    "prompt_lookup_num_tokens (batch 1 only there)")
     args = ap.parse_args()
 
     import jax
@@ -77,6 +80,11 @@ def main() -> None:
     _, t_first = timed(lambda: generate(model, prompts, n))
     ours, t = timed(lambda: generate(model, prompts, n), args.repeat)
     rows.append(("jaxft, KV cache (jit, while_loop)", t, t_first - t))
+    if args.draft:
+        _, t_first = timed(lambda: generate(model, prompts, n, draft=args.draft))
+        drafted, t = timed(lambda: generate(model, prompts, n, draft=args.draft), args.repeat)
+        rows.append((f"jaxft, KV cache + {args.draft} lookup drafts", t, t_first - t))
+        assert drafted == ours, "greedy tokens with drafts differ from those without"
     if not args.skip_no_cache:
         _, t_c = timed(lambda: generate_no_cache(model, prompts, 1))  # compiles the forward
         ours_nc, t = timed(lambda: generate_no_cache(model, prompts, n))
@@ -90,6 +98,11 @@ def main() -> None:
         hf.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
         theirs, t = timed(lambda: hf.generate(ids, use_cache=True, **kw), args.repeat)
         rows.append(("HF PyTorch generate, cache", t, 0.0))
+        if args.draft and b == 1:
+            looked, t = timed(lambda: hf.generate(ids, prompt_lookup_num_tokens=args.draft, **kw),
+                              args.repeat)
+            rows.append((f"HF generate, cache + {args.draft} lookup drafts", t, 0.0))
+            assert looked.tolist() == theirs.tolist(), "HF's drafts changed its greedy tokens"
         if not args.skip_no_cache:
             _, t = timed(lambda: hf.generate(ids, use_cache=False, **kw))
             rows.append(("HF PyTorch generate, no cache", t, 0.0))

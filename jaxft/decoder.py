@@ -89,7 +89,8 @@ class Rows(NamedTuple):
     gen_B: jax.Array         # tokens generated so far
     done_B: jax.Array        # stopped, or free
     out_BxT: jax.Array       # tokens generated, -1 past the end
-    step: jax.Array          # decode steps run since the first fill (the sampling key's index)
+    ids_BxS: jax.Array       # the token in each cache slot, -1 where none (drafts look here)
+    step: jax.Array          # decode passes run since the first fill (the sampling key's index)
 
 
 def group_size(rows: int, prompts: int) -> int:
@@ -114,7 +115,8 @@ def empty_rows(model, b: int, s: int, t: int, mesh) -> Rows:
     return Rows(kvcache.RowCache(k, v, jnp.zeros((b, s), bool)),
                 jnp.zeros((b, cfg.vocab_size), jnp.float32), jnp.zeros((b,), jnp.int32),
                 jnp.zeros((b,), jnp.int32),
-                jnp.ones((b,), bool), jnp.full((b, t), -1, jnp.int32), jnp.int32(0))
+                jnp.ones((b,), bool), jnp.full((b, t), -1, jnp.int32), jnp.full((b, s), -1, jnp.int32),
+                jnp.int32(0))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "p"), donate_argnames=("rows",))
@@ -133,11 +135,13 @@ def _fill(graphdef, state, prefix_k, prefix_v, rows: Rows, at_G, ids_GxL, valid_
     k, v = (tuple(x.at[at_G, :, lo:p].set(new[i].astype(x.dtype)) for i, x in enumerate(xs))
             for xs, new in ((c.k, k_new), (c.v, v_new)))
     cache = kvcache.RowCache(k, v, c.ok_BxS.at[at_G].set(ok_GxS))
+    ids_GxS = jnp.full(ok_GxS.shape, -1, jnp.int32).at[:, lo:p].set(jnp.where(valid_GxL, ids_GxL, -1))
     # Only the last position's logits are needed, never the full [G, L, V].
     return rows._replace(
         cache=cache, logits_BxV=rows.logits_BxV.at[at_G].set(model.logits(h_GxLxD[:, -1:])[:, 0]),
         pos_B=rows.pos_B.at[at_G].set(pos_GxL[:, -1] + 1), gen_B=rows.gen_B.at[at_G].set(0),
-        done_B=rows.done_B.at[at_G].set(~live_G), out_BxT=rows.out_BxT.at[at_G].set(-1))
+        done_B=rows.done_B.at[at_G].set(~live_G), out_BxT=rows.out_BxT.at[at_G].set(-1),
+        ids_BxS=rows.ids_BxS.at[at_G].set(ids_GxS))
 
 
 def _step(model, layers, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key, max_new,
@@ -160,18 +164,92 @@ def _step(model, layers, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key
     gen_B = gen_B + ~rows.done_B
     done_B = rows.done_B | jnp.isin(tok_B, stop_T) | (gen_B >= max_new)
     return Rows(cache, model.logits(h_Bx1xD)[:, 0], rows.pos_B + 1, gen_B, done_B, out_BxT,
-                rows.step + 1)
+                rows.ids_BxS.at[b_B, slot_B].set(tok_B, mode="drop"), rows.step + 1)
+
+
+def lookup(ids_BxS, cur_B, tok_B, k: int) -> jax.Array:
+    """Draft tokens `[B, k]` by prompt lookup: what followed, in the row's own slots, the latest
+    earlier occurrence of its last two tokens (the one in slot cur - 1, then `tok_B`, which goes
+    into slot cur), else of `tok_B` alone; -1 where nothing matches or the copy runs out."""
+    b, s = ids_BxS.shape
+    b_B, i_S = jnp.arange(b), jnp.arange(s)
+    last_B = ids_BxS[b_B, jnp.maximum(cur_B - 1, 0)]
+    before_BxS = jnp.concatenate([jnp.full((b, 1), -1, ids_BxS.dtype), ids_BxS[:, :-1]], axis=1)
+    # A match needs a written slot after it to copy from.
+    one_BxS = (ids_BxS == tok_B[:, None]) & (i_S < cur_B[:, None] - 1) & (tok_B[:, None] >= 0)
+    two_BxS = one_BxS & (before_BxS == last_B[:, None]) & (last_B[:, None] >= 0)
+    latest = lambda hit_BxS: jnp.max(jnp.where(hit_BxS, i_S, -1), axis=1)
+    at_B = jnp.where(jnp.any(two_BxS, axis=1), latest(two_BxS), latest(one_BxS))
+    src_BxK = at_B[:, None] + 1 + jnp.arange(k)
+    ok_BxK = (at_B[:, None] >= 0) & (src_BxK < cur_B[:, None])
+    return jnp.where(ok_BxK, jnp.take_along_axis(ids_BxS, jnp.minimum(src_BxK, s - 1), 1), -1)
+
+
+def _ahead(model, layers, prefix: kvcache.Prefix, rows: Rows, in_BxJ, n: int):
+    """Logits `[B, J, V]` and keys/values `[N, B, K, J, E]` of the first n of this pass's J
+    tokens, zero past them. The cache is only read here: its writes stay in place."""
+    b, j = in_BxJ.shape
+    h_BxnxD, k1, v1 = kvcache.forward(model, jnp.maximum(in_BxJ[:, :n], 0),
+                                      rows.pos_B[:, None] + jnp.arange(n),
+                                      kvcache.causal_ok(jnp.ones((b, n), bool)), prefix,
+                                      rows.cache, layers)
+    pad = lambda x, axis: jnp.pad(x, [(0, j - n if a == axis else 0) for a in range(x.ndim)])
+    return pad(model.logits(h_BxnxD), 1), pad(k1, 3), pad(v1, 3)
+
+
+def _draft_step(model, layers, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, max_new,
+                tok_B, draft_BxK):
+    """Greedy only: the next token and its drafts go through the model in one pass (one token
+    alone when no row has a draft); each row keeps the drafts the model's own greedy picks
+    agree with, so the tokens are those of one token a pass, cut at a stop and at max_new."""
+    b, nd = draft_BxK.shape
+    c, j_J = rows.cache, jnp.arange(nd + 1)
+    in_BxJ = jnp.concatenate([tok_B[:, None], draft_BxK], axis=1)
+    logits_BxJxV, k1, v1 = jax.lax.cond(
+        jnp.any(draft_BxK[:, 0] >= 0),
+        lambda: _ahead(model, layers, prefix, rows, in_BxJ, nd + 1),
+        lambda: _ahead(model, layers, prefix, rows, in_BxJ, 1))
+    agree_BxK = draft_BxK == greedy(logits_BxJxV[:, :-1])
+    took_B = jnp.sum(jnp.cumprod(agree_BxK, axis=1), axis=1)  # drafts kept
+    stop_B = jnp.min(jnp.where(jnp.isin(in_BxJ, stop_T), j_J, nd + 1), axis=1)
+    n_B = jnp.minimum(jnp.minimum(took_B, stop_B) + 1, max_new - rows.gen_B)
+    n_B = jnp.where(rows.done_B, 0, n_B)  # tokens this pass emits
+    keep_BxJ = j_J < n_B[:, None]
+    b_Bx1 = jnp.arange(b)[:, None]
+    t_BxJ = jnp.where(keep_BxJ, rows.gen_B[:, None] + j_J, rows.out_BxT.shape[1])
+    slot_BxJ = jnp.where(keep_BxJ, p + rows.gen_B[:, None] + j_J, c.ok_BxS.shape[1])
+    # Advanced indices on axes 0 and 2: each layer's update is laid out [B, J, K, E].
+    k, v = (tuple(x.at[b_Bx1, :, slot_BxJ].set(new[i].transpose(0, 2, 1, 3).astype(x.dtype),
+                                                mode="drop") for i, x in enumerate(xs))
+            for xs, new in ((c.k, k1), (c.v, v1)))
+    cache = kvcache.RowCache(k, v, c.ok_BxS.at[b_Bx1, slot_BxJ].set(True, mode="drop"))
+    gen_B = rows.gen_B + n_B
+    done_B = rows.done_B | (stop_B < n_B) | (gen_B >= max_new)
+    logits_BxV = logits_BxJxV[jnp.arange(b), took_B]
+    return Rows(cache, logits_BxV, rows.pos_B + n_B, gen_B, done_B,
+                rows.out_BxT.at[b_Bx1, t_BxJ].set(in_BxJ, mode="drop"),
+                rows.ids_BxS.at[b_Bx1, slot_BxJ].set(in_BxJ, mode="drop"), rows.step + 1)
+
+
+def _any_step(model, layers, prefix, rows: Rows, p, stop_T, key, max_new, sampling, draft: int):
+    """One pass: a token a row, or with `draft` > 0 (greedy only) up to 1 + draft."""
+    if draft == 0:
+        return _step(model, layers, prefix, rows, p, stop_T, key, max_new, sampling)
+    tok_B = jnp.where(rows.done_B, -1, greedy(rows.logits_BxV))
+    draft_BxK = lookup(rows.ids_BxS, p + rows.gen_B, tok_B, draft)
+    return _draft_step(model, layers, prefix, rows, p, stop_T, max_new, tok_B, draft_BxK)
 
 
 # XLA:CPU's default copy insertion copies the loop-carried cache twice per step (it cannot
 # tell that attention's reads come before the slot writes); its region analysis can, and the
 # writes then happen in place (measured in bench/RESULTS.md). Other backends ignore the flag.
-@partial(jax.jit, static_argnames=("graphdef", "p", "sampling"), donate_argnames=("rows",),
+@partial(jax.jit, static_argnames=("graphdef", "p", "sampling", "draft"), donate_argnames=("rows",),
          compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True})
 def _decode(graphdef, state, prefix_k, prefix_v, rows: Rows, stop_T, key, max_new, want, layers,
-            *, p: int, sampling):
+            *, p: int, sampling, draft: int = 0):
     """Decode until at least `want` rows are done, or all are. `layers`: the layer weights as
-    `kvcache.layer_views` gives them, or None to slice them from the model's stacked weights."""
+    `kvcache.layer_views` gives them, or None to slice them from the model's stacked weights.
+    `draft`: prompt-lookup draft tokens a pass (0: none)."""
     model = nnx.merge(graphdef.graphdef, state)
     prefix = kvcache.Prefix((), prefix_k, prefix_v)
 
@@ -179,13 +257,16 @@ def _decode(graphdef, state, prefix_k, prefix_v, rows: Rows, stop_T, key, max_ne
         return (jnp.sum(r.done_B) < want) & ~jnp.all(r.done_B)
 
     return jax.lax.while_loop(
-        cond, lambda r: _step(model, layers, prefix, r, p, stop_T, key, max_new, sampling), rows)
+        cond, lambda r: _any_step(model, layers, prefix, r, p, stop_T, key, max_new, sampling,
+                                  draft), rows)
 
 
 def decode(model, own: list[list[int]], prefix: kvcache.Prefix, *, rows: int, p: int, t: int,
-           stop_T: np.ndarray, key, max_new: int, sampling: tuple, mesh) -> list[np.ndarray]:
+           stop_T: np.ndarray, key, max_new: int, sampling: tuple, mesh,
+           draft: int = 0) -> list[np.ndarray]:
     """The new tokens `[t]` (-1 past the end) of each prompt in `own` (the tokens after the
-    prefix, each at most p long), decoded `rows` at a time."""
+    prefix, each at most p long), decoded `rows` at a time, with `draft` prompt-lookup drafts
+    a pass when greedy."""
     g = group_size(rows, len(own))
     state_rows = empty_rows(model, rows, p + t, t, mesh)
     graphdef, state = nnx.split(model)
@@ -206,7 +287,8 @@ def decode(model, own: list[list[int]], prefix: kvcache.Prefix, *, rows: int, p:
                                seg.astype(bool), np.arange(g) < len(take), p=p)
         want = min(rows, len(free) + g) if queue else rows  # g more rows free, or all
         state_rows = _decode(*common, state_rows, jnp.asarray(stop_T), key, jnp.int32(max_new),
-                             jnp.int32(want), layers, p=p, sampling=sampling)
+                             jnp.int32(want), layers, p=p, sampling=sampling,
+                             draft=draft if sampling[0] <= 0.0 else 0)
         done, out = jax.device_get((state_rows.done_B, state_rows.out_BxT))
         for r in range(rows):
             if owner[r] >= 0 and done[r]:

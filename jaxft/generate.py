@@ -88,7 +88,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
              stop_ids: Iterable[int] | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, cache_len: int | None = None,
              prefix: kvcache.Prefix | None = None, rows: int | None = None,
-             prompt_len: int = 0, keep_stop: bool = False) -> list[list[int]]:
+             prompt_len: int = 0, keep_stop: bool = False, draft: int = 0) -> list[list[int]]:
     """New tokens for each prompt (token ids, BOS included), cut before the first EOS or stop
     token (after it with `keep_stop`: a stop token whose text holds more than the stop string)
     and at `max_new_tokens`. Greedy unless `temperature` > 0. `prefix` (from
@@ -96,7 +96,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
     decode at once (default: all of them, padded to a bucket); with fewer rows than prompts,
     a row whose answer ends takes the next prompt (`jaxft.decoder`). `prompt_len` (after the
     prefix) reserves at least that many prompt slots per row; each fill still prefills only
-    as wide as its own longest prompt."""
+    as wide as its own longest prompt. `draft` > 0 (greedy only): each pass also checks that
+    many tokens copied from earlier in the row (prompt lookup, `jaxft.decoder.lookup`) and
+    keeps those the model agrees with; the tokens are the same, in fewer passes when the
+    answer repeats its prompt."""
     _check_prompts(model, prompts, max_new_tokens)
     stop = sorted(set(eos_ids) | set(stop_ids or ()))
     mesh = _model_mesh(model)
@@ -117,7 +120,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids: I
     stop_T[:len(stop)] = stop
     out = decoder.decode(model, own, prefix, rows=rows, p=p, t=t, stop_T=stop_T,
                          key=jax.random.key(seed), max_new=max_new_tokens, mesh=mesh,
-                         sampling=(float(temperature), int(top_k), float(top_p)))
+                         sampling=(float(temperature), int(top_k), float(top_p)), draft=draft)
     return _cut(np.stack(out)[:, :max_new_tokens], len(prompts), set(stop), keep_stop)
 
 
@@ -164,6 +167,7 @@ def generate_no_cache(model, prompts: list[list[int]], max_new_tokens: int, *,
 
 # ---------------------------------------------------------------- text in, text out
 
+DRAFT = 4  # prompt-lookup drafts a pass for `jaxft generate` (one prompt, greedy)
 MIN_PREFIX = 32  # shorter shared starts are not worth a prefix cache of their own
 
 
@@ -221,6 +225,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=at_least(0), default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft", type=at_least(0), default=DRAFT, metavar="K",
+                   help="greedy: check K prompt-lookup draft tokens a pass (0: off); the "
+                   f"tokens are the same either way (default {DRAFT})")
     p.set_defaults(func=main)
 
 
@@ -243,6 +250,6 @@ def main(args) -> int:
     stop_ids = [i for i in map(tok.token_id, stops) if i is not None]
     new = generate(loaded.model, [ids], args.max_new_tokens, eos_ids=(tok.eos_id,),
                    stop_ids=stop_ids, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)
+                   top_p=args.top_p, seed=args.seed, draft=args.draft)
     print(cut_at_stop(tok.decode(new[0], skip_special=True), stops))
     return 0

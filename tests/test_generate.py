@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxft import decoder
 from jaxft.config import MeshConfig
-from jaxft.decoder import group_size
+from jaxft.decoder import group_size, lookup
 from jaxft.generate import bucket, cut_at_stop, generate, generate_no_cache, left_pad, sample_logits
 from jaxft.model import Llama
 from jaxft.sharding import make_mesh
@@ -124,6 +125,55 @@ def test_stops_at_eos_and_max_tokens(chain):
     assert generate(m, [a], 3) == [path_a[:3]]
     assert generate(m, [b], 12, eos_ids=(eos,), stop_ids=[path_b[1]]) == [path_b[:1]]
     assert generate_no_cache(m, [a, b], 12, eos_ids=(eos,)) == out
+
+
+def test_lookup_drafts_what_followed_the_last_tokens():
+    ids = jnp.asarray([[-1, 5, 7, 8, 9, 3, 7, -1, -1]])  # slots 0..6 written, next is slot 7
+    draft = lambda tok: np.asarray(lookup(ids, jnp.asarray([7]), jnp.asarray([tok]), 4)).tolist()
+    assert draft(8) == [[9, 3, 7, -1]]  # "7 8" seen at slots 2-3; the copy stops at slot 6
+    assert draft(9) == [[3, 7, -1, -1]]  # no "7 9": the last "9" alone
+    assert draft(5) == [[7, 8, 9, 3]]
+    assert draft(11) == [[-1] * 4]  # never seen
+    assert draft(-1) == [[-1] * 4]  # a finished row
+
+
+def passes_of(monkeypatch):
+    """Decode passes per `generate` call (the loop's step count when it returns)."""
+    passes, real = [], decoder._decode
+
+    def counted(*a, **kw):
+        out = real(*a, **kw)
+        passes.append(int(out.step))
+        return out
+
+    monkeypatch.setattr(decoder, "_decode", counted)
+    return passes
+
+
+def test_drafts_keep_the_tokens_in_fewer_passes(tiny_cfg, monkeypatch):
+    """Successor cycles among 12 ids, and prompts that already walk 12 steps of them: every
+    draft is right from the first pass. A stop token and the budget fall inside a pass's
+    drafts; the tokens are those of one token a pass."""
+    m, succ = chain_model(tiny_cfg, n_used=12)
+    prompts = [[t] + walk(succ, t, 12) for t in (3, 5)]
+    n = 43
+    want = [walk(succ, p[-1], n) for p in prompts]
+    passes = passes_of(monkeypatch)
+    assert generate(m, prompts, n) == want
+    assert generate(m, prompts, n, draft=4) == want
+    assert passes == [n, -(-n // 5)]
+    eos = want[0][7]  # the second pass's third token
+    cut = [w[:w.index(eos)] if eos in w else w for w in want]
+    assert generate(m, prompts, n, eos_ids=(eos,), draft=4) == cut
+    assert generate(m, prompts, n, eos_ids=(eos,)) == cut
+    sampled = generate(m, prompts, n, temperature=1.0)  # drafts are for greedy only
+    assert generate(m, prompts, n, draft=4, temperature=1.0) == sampled
+
+
+def test_drafts_rejected_change_nothing(model, reference, monkeypatch):
+    passes = passes_of(monkeypatch)
+    assert generate(model, PROMPTS, NEW, draft=3) == reference
+    assert passes[0] <= NEW
 
 
 def test_stop_at_first_token_gives_empty(chain):
