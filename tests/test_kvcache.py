@@ -57,9 +57,11 @@ def test_layer_views_share_the_weights_and_decode_the_same(model, plain, monkeyp
     assert generate(model, PROMPTS, NEW) == plain
 
 
-def test_decode_step_writes_the_cache_in_place(model):
+@pytest.mark.parametrize("draft", [0, 4])
+def test_decode_step_writes_the_cache_in_place(model, draft):
     """The compiled decode loop holds no copy of any layer's cache: the slot writes are in
-    place (a copy per step would move the whole cache twice, every token)."""
+    place (a copy per step would move the whole cache twice, every token), with or without
+    drafts (whose pass runs under a cond that must only read the cache)."""
     cfg, b, s = model.cfg, 3, 48
     rows = decoder.empty_rows(model, b, s, 16, None)
     graphdef, state = nnx.split(model)
@@ -67,7 +69,7 @@ def test_decode_step_writes_the_cache_in_place(model):
     hlo = decoder._decode.lower(
         kvcache.Static(graphdef), state, prefix.k_NxKxPxE, prefix.v_NxKxPxE, rows,
         jnp.zeros(8, jnp.int32), jax.random.key(0), jnp.int32(16), jnp.int32(b),
-        kvcache.layer_views(model), p=32, sampling=(0.0, 0, 1.0)).compile().as_text()
+        kvcache.layer_views(model), p=32, sampling=(0.0, 0, 1.0), draft=draft).compile().as_text()
     layer_cache = rf"f32\[{b},{cfg.n_kv_heads},{s},{cfg.head_size}\]"
     assert re.findall(rf"= {layer_cache}\S* (?:dynamic-update-slice|fusion)\(", hlo)  # the writes
     assert not re.findall(rf"= {layer_cache}\S* copy\(", hlo)
