@@ -168,21 +168,28 @@ def _step(model, layers, prefix: kvcache.Prefix, rows: Rows, p: int, stop_T, key
 
 
 def lookup(ids_BxS, cur_B, tok_B, k: int) -> jax.Array:
-    """Draft tokens `[B, k]` by prompt lookup: what followed, in the row's own slots, the latest
-    earlier occurrence of its last two tokens (the one in slot cur - 1, then `tok_B`, which goes
-    into slot cur), else of `tok_B` alone; -1 where nothing matches or the copy runs out."""
+    """Draft tokens `[B, k]` by prompt lookup: what followed an earlier occurrence of the row's
+    last two tokens (the one in slot cur - 1, then `tok_B`, which goes into slot cur), else of
+    `tok_B` alone, copied from the row's slots with `tok_B` in slot cur; -1 where nothing
+    matches or the copy runs out. Among the matches of the longer n-gram, the latest with k
+    tokens after it, else the earliest (the longest copy): in a run of one token the latest
+    match has a single token after it, the earliest a full draft."""
     b, s = ids_BxS.shape
     b_B, i_S = jnp.arange(b), jnp.arange(s)
+    src_BxS = ids_BxS.at[b_B, cur_B].set(tok_B, mode="drop")
     last_B = ids_BxS[b_B, jnp.maximum(cur_B - 1, 0)]
     before_BxS = jnp.concatenate([jnp.full((b, 1), -1, ids_BxS.dtype), ids_BxS[:, :-1]], axis=1)
-    # A match needs a written slot after it to copy from.
-    one_BxS = (ids_BxS == tok_B[:, None]) & (i_S < cur_B[:, None] - 1) & (tok_B[:, None] >= 0)
+    one_BxS = (ids_BxS == tok_B[:, None]) & (i_S < cur_B[:, None]) & (tok_B[:, None] >= 0)
     two_BxS = one_BxS & (before_BxS == last_B[:, None]) & (last_B[:, None] >= 0)
-    latest = lambda hit_BxS: jnp.max(jnp.where(hit_BxS, i_S, -1), axis=1)
-    at_B = jnp.where(jnp.any(two_BxS, axis=1), latest(two_BxS), latest(one_BxS))
+    full_BxS = i_S + k <= cur_B[:, None]
+    rank_BxS = jnp.where(one_BxS, 1 + 2 * two_BxS + full_BxS, 0)  # full copies rank even
+    best_B = jnp.max(rank_BxS, axis=1)
+    top_BxS = rank_BxS == best_B[:, None]
+    at_B = jnp.where(best_B % 2 == 0, jnp.max(jnp.where(top_BxS, i_S, -1), axis=1),
+                     jnp.min(jnp.where(top_BxS, i_S, s), axis=1))
     src_BxK = at_B[:, None] + 1 + jnp.arange(k)
-    ok_BxK = (at_B[:, None] >= 0) & (src_BxK < cur_B[:, None])
-    return jnp.where(ok_BxK, jnp.take_along_axis(ids_BxS, jnp.minimum(src_BxK, s - 1), 1), -1)
+    ok_BxK = (best_B[:, None] > 0) & (src_BxK <= cur_B[:, None])
+    return jnp.where(ok_BxK, jnp.take_along_axis(src_BxS, jnp.minimum(src_BxK, s - 1), 1), -1)
 
 
 def _ahead(model, layers, prefix: kvcache.Prefix, rows: Rows, in_BxJ, n: int):

@@ -130,11 +130,21 @@ def test_stops_at_eos_and_max_tokens(chain):
 def test_lookup_drafts_what_followed_the_last_tokens():
     ids = jnp.asarray([[-1, 5, 7, 8, 9, 3, 7, -1, -1]])  # slots 0..6 written, next is slot 7
     draft = lambda tok: np.asarray(lookup(ids, jnp.asarray([7]), jnp.asarray([tok]), 4)).tolist()
-    assert draft(8) == [[9, 3, 7, -1]]  # "7 8" seen at slots 2-3; the copy stops at slot 6
-    assert draft(9) == [[3, 7, -1, -1]]  # no "7 9": the last "9" alone
+    assert draft(8) == [[9, 3, 7, 8]]  # "7 8" seen at slots 2-3; the copy ends at 8 itself
+    assert draft(9) == [[3, 7, 9, -1]]  # no "7 9": the last "9" alone, copied up to slot 7
     assert draft(5) == [[7, 8, 9, 3]]
+    assert draft(7) == [[8, 9, 3, 7]]  # "7" at slots 2 and 6: only slot 2 has 4 tokens after it
     assert draft(11) == [[-1] * 4]  # never seen
     assert draft(-1) == [[-1] * 4]  # a finished row
+
+
+def test_lookup_prefers_the_latest_full_copy_and_fills_runs():
+    ids = jnp.asarray([[-1, 7, 1, 2, 3, 7, 4, 5, 6, 0, -1, -1]])
+    got = lookup(ids, jnp.asarray([10]), jnp.asarray([7]), 4)
+    assert np.asarray(got).tolist() == [[4, 5, 6, 0]]  # slot 5, not slot 1
+    run = jnp.asarray([[5, 4, 4, 4, 4, 4, 4, -1, -1, -1]])  # a run: the next token is 4 again
+    got = lookup(run, jnp.asarray([7]), jnp.asarray([4]), 4)
+    assert np.asarray(got).tolist() == [[4, 4, 4, 4]]
 
 
 def passes_of(monkeypatch):
