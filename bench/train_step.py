@@ -82,9 +82,10 @@ class Torch:
 
 
 class Jax:
-    """jaxft's own compiled train step on a one-device mesh, params loaded from `model_dir`."""
+    """jaxft's own compiled train step on a one-device mesh, params loaded from `model_dir`
+    (None: random params, for profiling)."""
 
-    def __init__(self, cfg: ModelConfig, model_dir: Path, lr: float):
+    def __init__(self, cfg: ModelConfig, model_dir: Path | None, lr: float):
         import jax
         from jaxft import sharding, state
         from jaxft.config import MeshConfig, OptimConfig
@@ -96,7 +97,8 @@ class Jax:
         tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=0, decay="constant", clip_norm=1.0,
                                         weight_decay=0.0), 1000)
         self.layout = layout = state.make_layout(cfg, self.mesh, tx)
-        self.params = state.pretrained_params(str(model_dir), cfg, self.mesh, layout.params_sh)
+        self.params = (state.init_params(layout, 0) if model_dir is None else
+                       state.pretrained_params(str(model_dir), cfg, self.mesh, layout.params_sh))
         self.opt = state.init_opt(layout, self.params)
         self.fn = compile_train_step(layout, 1)
 
