@@ -53,7 +53,7 @@ def op_labels(hlo: str) -> dict[str, str]:
 
     def label(frame: int) -> str:
         seen = set()
-        while frame in frames and frame not in seen:  # a root frame names itself as parent
+        while frame in frames and frame not in seen:  # some frames name themselves as parent
             seen.add(frame)
             loc, parent = (int(x) for x in frames[frame])
             path, func = files[int(locs[loc][0])][0], funcs[int(locs[loc][1])][0]
