@@ -109,19 +109,18 @@ def main() -> None:
     # jaxft with the cache: the first call compiles, the next ones are timed.
     _, t_first = timed(lambda: generate(model, prompts, n))
     ours, t = timed(lambda: generate(model, prompts, n), args.repeat)
-    rows.append(("jaxft, KV cache (jit, while_loop)", t, t_first - t))
+    rows.append(("jaxft, KV cache (jit, while_loop)", t, t_first - t, b))
     if args.draft:
         _, t_first = timed(lambda: generate(model, prompts, n, draft=args.draft))
         drafted, t = timed(lambda: generate(model, prompts, n, draft=args.draft), args.repeat)
-        rows.append((f"jaxft, KV cache + {args.draft} lookup drafts", t, t_first - t))
+        rows.append((f"jaxft, KV cache + {args.draft} lookup drafts", t, t_first - t, b))
         assert drafted == ours, "greedy tokens with drafts differ from those without"
     if not args.skip_no_cache:
         _, t_c = timed(lambda: generate_no_cache(model, prompts, 1))  # compiles the forward
         ours_nc, t = timed(lambda: generate_no_cache(model, prompts, n))
-        rows.append(("jaxft, no cache (full forward per token)", t, t_c))
+        rows.append(("jaxft, no cache (full forward per token)", t, t_c, b))
         assert ours_nc == ours, "cache and no-cache greedy tokens differ"
 
-    rows = [(name, t, c, b) for name, t, c in rows]
     hf_timed, theirs = hf_rows(hf, prompts, n, args)
     rows += hf_timed
     agree = [next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), n) for a, c in zip(ours, theirs)]

@@ -29,6 +29,7 @@ from train_step import CONFIGS, Jax, jax_batch, make_batches
 # Thunk-executor bookkeeping and control flow: their children are the ops that do the work.
 _NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "Wait", "Rendezvous", "while", "cond",
             "conditional")
+OUTSIDE = "(outside jaxft)"  # ops traced from no function under jaxft/
 
 
 def _table(lines: list[str], title: str, pattern: str) -> dict[int, tuple]:
@@ -60,7 +61,7 @@ def op_labels(hlo: str) -> dict[str, str]:
             if "/jaxft/" in path:
                 return f"{path.rsplit('/', 1)[-1]}:{func}"
             frame = parent
-        return "(outside jaxft)"
+        return OUTSIDE
 
     inside, labels, comp = {}, {}, None
     for line in lines:
@@ -95,7 +96,7 @@ def wall_shares(ops: list[dict], labels: dict[str, str]):
     """(wall us per label, thread us per label, span us): overlapping ops share the wall."""
     edges = []
     for e in ops:
-        lab = labels.get(e["name"], "(outside jaxft)")
+        lab = labels.get(e["name"], OUTSIDE)
         edges += [(e["ts"], 1, lab), (e["ts"] + e["dur"], -1, lab)]
     edges.sort()
     running, wall, thread = collections.Counter(), collections.Counter(), collections.Counter()
@@ -110,7 +111,7 @@ def wall_shares(ops: list[dict], labels: dict[str, str]):
         last = ts
         running[lab] += delta
     for e in ops:
-        thread[labels.get(e["name"], "(outside jaxft)")] += e["dur"]
+        thread[labels.get(e["name"], OUTSIDE)] += e["dur"]
     return wall, thread, edges[-1][0] - edges[0][0]
 
 
@@ -123,10 +124,12 @@ def main() -> None:
     cfg, b, l = CONFIGS[args.config]
     jx = Jax(cfg, None, 1e-4)
     batch = jax_batch(make_batches(cfg, b, l, 1, 0)[0], jx.mesh)
-    hlo = jx.fn.lower(jx.params, jx.opt, batch).compile().as_text()
+    # The step runs the compiled object whose HLO is read: jit's own dispatch would compile again.
+    jx.fn = jx.fn.lower(jx.params, jx.opt, batch).compile()
+    hlo = jx.fn.as_text()
     step = lambda: jx.step(batch)  # noqa: E731
     for _ in range(2):
-        step()  # compile, then one steady step
+        step()  # warm: allocator, thread pools
     with tempfile.TemporaryDirectory(prefix="step-profile-") as d:
         t0 = time.perf_counter()
         with jax.profiler.trace(d, create_perfetto_trace=True):
