@@ -161,7 +161,11 @@ class Run:
 def _run_tokenizer(cfg: Config, run_dir: Path, train_records):
     """The run dir's tokenizer on a resume, else a new one saved there."""
     tok_dir = run_dir / "tokenizer"
-    if tok_dir.is_dir():
+    resume = tok_dir.is_dir()
+    # Every process looks before process 0 writes: one that looked while the directory existed
+    # but its files did not yet would take the resume branch and fail to load them.
+    distributed.barrier("tokenizer looked for")
+    if resume:
         tok = load_tokenizer(tok_dir)
     else:
         tok = data.build_tokenizer(cfg, train_records)
